@@ -1,0 +1,406 @@
+"""
+GPT-2 with one switch for its feed-forward layer (GPTConfig.ffn):
+
+  dense   GPT-2's MLP, hidden 4d
+  switch  Switch Transformer: 4 experts of width 2d, top-1 routing
+  top2    GShard/Mixtral-style: 4 experts of width 2d, top-2 routing
+  inf     ∞-MoE (arXiv 2601.17680): a continuous expert index z ~ N(mu(x), diag sigma^2(x))
+          selects a "partly soft" top-N% mask over a d_ff = 8d hidden layer
+
+Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
+causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    ffn: str = "dense"          # dense | switch | top2 | inf
+    # discrete MoE (switch, top2)
+    n_expert: int = 4
+    aux_loss_coef: float = 0.01   # alpha, Switch load-balancing loss
+    z_loss_coef: float = 0.001    # beta, router z-loss
+    # ∞-MoE
+    d_z: int = 128              # dimension of the continuous expert index z
+    top_frac: float = 0.25      # r: fraction of the d_ff hidden units each sample keeps
+    z_samples: int = 2          # K: Monte-Carlo samples of z per token (changeable at inference)
+    z_deterministic: bool = False  # use z = mu (no noise): reproducible evaluation and sampling
+    use_kernel: str = "auto"    # Triton kernel for ffn=inf: auto (CUDA tensors) | on | off
+
+    def __post_init__(self):
+        if self.ffn not in ("dense", "switch", "top2", "inf"):
+            raise ValueError(f"GPTConfig.ffn={self.ffn!r}: expected dense, switch, top2 or inf")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 < self.top_frac <= 1.0:
+            raise ValueError(f"GPTConfig.top_frac={self.top_frac}: must be in (0, 1]")
+        if self.z_samples < 1:
+            raise ValueError(f"GPTConfig.z_samples={self.z_samples}: need at least one sample")
+        if self.use_kernel not in ("auto", "on", "off"):
+            raise ValueError(f"GPTConfig.use_kernel={self.use_kernel!r}: expected auto, on or off")
+        if self.ffn in ("switch", "top2"):
+            if self.n_expert < (1 if self.ffn == "switch" else 2):
+                raise ValueError(f"GPTConfig.n_expert={self.n_expert} is too few for ffn={self.ffn}")
+            if self.n_embd % 8:  # grouped_mm wants 16-byte aligned rows (bf16: multiples of 8)
+                raise ValueError(f"GPTConfig.n_embd={self.n_embd}: switch/top2 need a multiple of 8")
+
+    @property
+    def d_ff(self):
+        """Width of the FFN's whole hidden (expert) space."""
+        return {"dense": 4, "switch": 8, "top2": 8, "inf": 8}[self.ffn] * self.n_embd
+
+    @property
+    def n_keep(self):
+        """Hidden units one ∞-MoE sample keeps: round(r * d_ff)."""
+        return max(1, int(round(self.top_frac * self.d_ff)))
+
+
+# ----------------------------------------------------------------------------- attention
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+# ----------------------------------------------------------------------------- FFNs
+
+class DenseFFN(nn.Module):
+    """GPT-2's MLP: W2 GELU(W1 x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.W1 = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.W2 = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.stats = {}
+
+    def forward(self, x):
+        return self.W2(F.gelu(self.W1(x)))
+
+
+class TopKMoE(nn.Module):
+    """Discrete MoE, dropless: top-1 (Switch) or top-2 routing over n_expert FFNs of width d_ff / n_expert.
+
+    Tokens are sorted by expert and run through grouped GEMMs whose group offsets stay on the
+    device, so there is no host sync and no capacity: every (token, slot) is computed.
+    """
+
+    def __init__(self, config, top_k):
+        super().__init__()
+        E, d, h = config.n_expert, config.n_embd, config.d_ff // config.n_expert
+        self.top_k, self.n_expert = top_k, E
+        self.alpha, self.beta = config.aux_loss_coef, config.z_loss_coef
+        self.W_r = nn.Linear(d, E, bias=False)                 # router
+        self.W1 = nn.Parameter(torch.randn(E, d, h) * 0.02)    # experts, stored (E, in, out) for grouped_mm
+        self.W2 = nn.Parameter(torch.randn(E, h, d) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(E, h)) if config.bias else None
+        self.b2 = nn.Parameter(torch.zeros(E, d)) if config.bias else None
+        self.aux_loss = None
+        self.stats = {}
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        N, E, k = x.shape[0], self.n_expert, self.top_k
+        with torch.autocast(x.device.type, enabled=False):  # router math in float32
+            logits = F.linear(x.float(), self.W_r.weight.float())
+            p = logits.softmax(dim=-1)
+        top_p, top_e = p.topk(k, dim=-1)                       # (N, k)
+        gate = top_p if k == 1 else top_p / top_p.sum(-1, keepdim=True)  # switch: raw p; top2: renormalised
+
+        # group the N*k (token, slot) assignments by expert
+        flat_e = top_e.flatten()
+        order = flat_e.argsort(stable=True)
+        token = order // k
+        counts = flat_e.new_zeros(E).scatter_add_(0, flat_e, torch.ones_like(flat_e))  # bincount syncs on CUDA
+        offs = counts.cumsum(0).to(torch.int32)
+        e_sorted = flat_e[order]
+
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x[token].to(dt)
+        h = F.grouped_mm(xs, self.W1.to(dt), offs=offs)
+        if self.b1 is not None:
+            h = h + self.b1.to(dt)[e_sorted]
+        out = F.grouped_mm(F.gelu(h), self.W2.to(dt), offs=offs)
+        if self.b2 is not None:
+            out = out + self.b2.to(dt)[e_sorted]
+        out = out * gate.flatten()[order, None].to(dt)
+        y = torch.zeros_like(x, dtype=dt).index_add_(0, token, out)
+
+        # Switch load balancing: alpha * E * sum_i f_i P_i, and the router z-loss
+        f = counts.float() / (N * k)
+        P = p.mean(0)
+        lb_loss = self.alpha * E * (f * P).sum()
+        z_loss = self.beta * torch.logsumexp(logits, dim=-1).square().mean()
+        self.aux_loss = lb_loss + z_loss
+        self.stats = {"load": f.detach(), "lb_loss": lb_loss.detach(), "z_loss": z_loss.detach()}
+        return y.view(shape)
+
+
+def averaged_topk_mask(z, W_z, top_frac):
+    """M = (1/K) sum_k TopN%(W_z z_k), keeping the kept scores at their own values (SPEC steps 3-4).
+
+    z: (K, N, d_z) float32. Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
+    Tie rule (shared with kernel.py): keep every score >= the n_keep-th largest of its row.
+    Returns M (N, d_ff) and counts (d_ff,): how many of the N*K samples selected each unit.
+    """
+    K, d_ff = z.shape[0], W_z.shape[0]
+    n_keep = max(1, int(round(top_frac * d_ff)))
+    M, counts = 0.0, 0.0
+    for k in range(K):
+        m = z[k] @ W_z.t()                                     # m_k = W_z z_k   (N, d_ff)
+        thr = m.detach().topk(n_keep, dim=-1).values[:, -1:]  # threshold is not differentiated
+        keep = m >= thr
+        M = M + torch.where(keep, m, 0.0)
+        counts = counts + keep.sum(0, dtype=torch.float32)
+    return M / K, counts
+
+
+def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (SPEC steps 5-6, one W1/W2 pass for all K).
+
+    Same signature and result as kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32.
+    Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
+    """
+    with torch.autocast(x.device.type, enabled=False):   # mask scores in float32: fewer exact ties
+        M, counts = averaged_topk_mask(z.float(), W_z.float(), top_frac)
+    h = F.gelu(F.linear(x, W1, b1))
+    y = F.linear(h * M.to(h.dtype), W2, b2)
+    return y, counts.detach(), (M != 0).sum(dtype=torch.float32).detach()
+
+
+class InfMoE(nn.Module):
+    """∞-MoE FFN: Gaussian router over a continuous expert space, K samples, one masked FFN pass."""
+    LOGVAR_BOUND = 6.0  # log sigma^2 in (-6, 6): sigma in (0.05, 20), safe in bf16, never 0 or inf
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config  # shared with GPT, so z_samples / z_deterministic can change at inference
+        d, d_ff, d_z = config.n_embd, config.d_ff, config.d_z
+        self.router = nn.Linear(d, 2 * d_z, bias=config.bias)   # -> (mu, raw log sigma^2)
+        # mask scores m = W_z z. With z ~ N(mu, sigma^2 ≈ 1) at init the scores have unit variance, so a
+        # kept top-25% score has RMS ≈ 1.36 and the 2d kept units give the output scale of dense GPT-2's
+        # 4d units with mask 1 (E[sum m^2] ≈ 2d * 1.86 ≈ 4d): step-0 loss and activations match dense.
+        self.W_z = nn.Parameter(torch.randn(d_ff, d_z) / math.sqrt(d_z))
+        self.W1 = nn.Linear(d, d_ff, bias=config.bias)
+        self.W2 = nn.Linear(d_ff, d, bias=config.bias)
+        self.stats = {}
+
+    def use_kernel(self, x):
+        mode = self.config.use_kernel
+        return mode == "on" or (mode == "auto" and x.is_cuda)
+
+    def forward(self, x, eps=None):
+        """x: (..., d). eps: optional fixed N(0, I) noise (K, *x.shape[:-1], d_z); K is read from it."""
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):  # router math in float32
+            mu, raw = F.linear(x.float(), self.router.weight.float(),
+                               None if self.router.bias is None else self.router.bias.float()).chunk(2, dim=-1)
+            logvar = self.LOGVAR_BOUND * torch.tanh(raw / self.LOGVAR_BOUND)  # smooth bound on log sigma^2
+            sigma = torch.exp(0.5 * logvar)
+            if eps is not None:
+                eps = eps.reshape(eps.shape[0], -1, eps.shape[-1]).float()
+            elif self.config.z_deterministic:
+                eps = torch.zeros(1, *mu.shape, device=x.device)      # z = mu
+            else:
+                eps = torch.randn(self.config.z_samples, *mu.shape, device=x.device)
+            z = mu + sigma * eps                                         # z_k = mu + sigma ⊙ eps_k
+
+        ffn = inf_ffn_reference
+        if self.use_kernel(x):
+            from kernel import inf_ffn as ffn
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        W1, W2 = self.W1, self.W2
+        b1 = None if W1.bias is None else W1.bias.to(dt)
+        b2 = None if W2.bias is None else W2.bias.to(dt)
+        y, counts, n_active = ffn(x.to(dt), W1.weight.to(dt), b1, W2.weight.to(dt), b2, self.W_z, z,
+                                  self.config.top_frac)
+
+        # routing statistics of this batch, kept on the device (train.py reads them when it logs)
+        q = counts / counts.sum()
+        self.stats = {
+            "entropy": -(q * q.clamp_min(1e-30).log()).sum().detach() / math.log(q.numel()),  # H~(q)
+            "sigma": sigma.mean().detach(),
+            "active": n_active / (x.shape[0] * self.W_z.shape[0]),     # non-zero share of the averaged mask
+        }
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------------- model
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = {"dense": lambda: DenseFFN(config), "switch": lambda: TopKMoE(config, 1),
+                    "top2": lambda: TopKMoE(config, 2), "inf": lambda: InfMoE(config)}[config.ffn]()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections
+        for name, p in self.named_parameters():
+            if name.endswith(("c_proj.weight", "mlp.W2.weight", "mlp.W2")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """Returns (logits, loss). With targets, loss = cross-entropy (+ MoE aux losses for switch/top2)
+        and logits cover every position; without, logits of the last position only (generation)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        if self.config.ffn in ("switch", "top2"):  # each MoE layer adds its own aux loss (Switch convention)
+            loss = loss + sum(block.mlp.aux_loss for block in self.transformer.h)
+        return logits, loss
+
+    def set_sampling(self, z_samples=None, z_deterministic=None):
+        """∞-MoE inference knobs: K samples of z, or z = mu. Every layer reads the shared config."""
+        if z_samples is not None:
+            if z_samples < 1:
+                raise ValueError(f"z_samples={z_samples}: need at least one sample")
+            self.config.z_samples = z_samples
+        if z_deterministic is not None:
+            self.config.z_deterministic = bool(z_deterministic)
+
+    def routing_stats(self):
+        """Per-layer statistics of the last forward, averaged over layers; tensors on the device."""
+        layers = [block.mlp.stats for block in self.transformer.h if block.mlp.stats]
+        if not layers:
+            return {}
+        return {key: torch.stack([s[key] for s in layers]).mean(0) for key in layers[0]}
+
+    def num_params(self):
+        """(total, active): all parameters, and those one token multiplies with.
+
+        Position embeddings count (nanoGPT leaves them out; we keep them so the numbers add up).
+        Active: dense all; switch/top2 the router plus top-k of the experts; inf the router, W_z and
+        at most K * n_keep hidden units of W1/W2 (the union of the K masks can only be smaller).
+        """
+        c = self.config
+        total = sum(p.numel() for p in self.parameters())
+        if c.ffn == "dense":
+            return total, total
+        d, b = c.n_embd, int(c.bias)
+        if c.ffn in ("switch", "top2"):
+            h = c.d_ff // c.n_expert
+            per_expert = d * h + h * d + b * (h + d)
+            idle = (c.n_expert - (1 if c.ffn == "switch" else 2)) * per_expert
+        else:
+            units = min(c.d_ff, c.z_samples * c.n_keep) if not c.z_deterministic else c.n_keep
+            idle = (c.d_ff - units) * (2 * d + b)  # a hidden unit owns a row of W1, a column of W2, a b1 entry
+        return total, total - c.n_layer * idle
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on >= 2-D weights only (matrices, embeddings, experts, W_z)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx (B, T). Call model.eval() first."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+if __name__ == "__main__":
+    # `python model.py`: the parameter table and the memory one ∞-MoE layer keeps for backward (README)
+    import os
+    import resource
+
+    print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n|---|---|---|---|---|")
+    for ffn in ("dense", "switch", "top2", "inf"):
+        row = []
+        for L, H, d in ((12, 12, 768), (24, 16, 1024)):
+            with torch.device("meta"):
+                row += [f"{n / 1e6:.1f}M" for n in GPT(GPTConfig(ffn=ffn, n_layer=L, n_head=H, n_embd=d)).num_params()]
+        print(f"| {ffn} | " + " | ".join(row) + " |")
+
+    def measure(name, layer, N=4096):
+        """Run in a forked child so its peak RSS is this layer's alone (fresh high-water mark)."""
+        if os.fork():
+            os.wait()
+            return
+        torch.manual_seed(0)
+        params = {p.data_ptr() for p in layer.parameters()}
+        x = torch.randn(N, layer.W1.in_features)
+        saved = []
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        y.square().mean().backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+        acts = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in params}
+        print(f"| {name} | {N} | {sum(acts.values()) / 2**20:.0f} MiB | {peak / 2**10:.0f} MiB |")
+        os._exit(0)
+
+    print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward | peak RSS growth fwd+bwd |\n|---|---|---|---|")
+    measure("dense FFN, d_ff = 4d", DenseFFN(GPTConfig(ffn="dense")))
+    measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", InfMoE(GPTConfig(ffn="inf")))
