@@ -277,6 +277,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.aux_loss = None  # switch/top2: the last forward's summed aux losses, detached, for logging
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections
@@ -308,7 +309,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         if self.config.ffn in ("switch", "top2"):  # each MoE layer adds its own aux loss (Switch convention)
-            loss = loss + sum(block.mlp.aux_loss for block in self.transformer.h)
+            aux = sum(block.mlp.aux_loss for block in self.transformer.h)
+            self.aux_loss = aux.detach()
+            loss = loss + aux
         return logits, loss
 
     def set_sampling(self, z_samples=None, z_deterministic=None):

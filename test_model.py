@@ -1,14 +1,21 @@
 """Test suite: CPU only, `python -m pytest -q test_model.py`. Triton kernels run under TRITON_INTERPRET=1."""
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import prepare_fineweb
 from model import GPT, GPTConfig, InfMoE, averaged_topk_mask, inf_ffn_reference
+from prepare_fineweb import EOT, get_tokenizer, load_shard, main, shard_paths, write_shard
 
 FFNS = ["dense", "switch", "top2", "inf"]
 
@@ -305,3 +312,184 @@ def test_param_counts_match_formula(ffn, size):
     assert model.num_params() == formula_params(ffn, L, d)
     if ffn == "dense" and d == 768:
         assert model.num_params()[0] == 124_439_808  # GPT-2 Small, the famous "124M"
+
+
+# ----------------------------------------------------------------------------- data (prepare_fineweb.py)
+
+REPO = Path(__file__).resolve().parent
+TEXTS = REPO.parent / "shared" / "data" / "public_domain_texts.jsonl"
+SHORT_DOCS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint"]  # 2K-14K characters each
+
+def real_docs():
+    """A few real documents, in file order, plus edge cases a tokenizer pipeline could get wrong."""
+    if not TEXTS.exists():
+        pytest.skip(f"sample text not found at {TEXTS}")
+    docs = [r["text"] for r in map(json.loads, TEXTS.open(encoding="utf-8")) if r["id"] in SHORT_DOCS]
+    assert len(docs) == len(SHORT_DOCS)
+    # many short documents too (the stanzas of one poem), so tokenising takes many parallel tasks;
+    # an empty document, and one with the EOT marker as plain text (must not become 50256)
+    return docs + [p for p in docs[1].split("\n\n") if p][:40] + ["", "naïve café <|endoftext|> ✓ 日本語\n\n"]
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+def read_shard_independently(path):
+    """llm.c's format, read without prepare_fineweb: 256 int32 header, then uint16 tokens."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+    assert os.path.getsize(path) == 256 * 4 + 2 * int(header[2])
+    return np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+
+def check_shards(out_dir, prefix, shard_size, docs):
+    names = sorted(p.name for p in Path(out_dir).iterdir())
+    expected_names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, len(names))]
+    assert names == sorted(expected_names)  # no .tmp files left either
+    shards = [read_shard_independently(Path(out_dir) / n) for n in expected_names]
+    assert all(len(s) == shard_size for s in shards[:-1]) and 0 < len(shards[-1]) <= shard_size
+    tokens = np.concatenate(shards)
+    enc = get_tokenizer()
+    expected = np.concatenate([[EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
+    np.testing.assert_array_equal(tokens, expected)
+    # decode: every document comes back exactly, in order, each preceded by EOT
+    assert tokens[0] == EOT
+    starts = np.flatnonzero(tokens == EOT)
+    assert len(starts) == len(docs)
+    ends = list(starts[1:]) + [len(tokens)]
+    assert [enc.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)] == docs
+
+def test_tokenizer_known_ids_offline(tmp_path):
+    assert get_tokenizer() is get_tokenizer()  # cached
+    assert get_tokenizer().encode_ordinary("hello world") == [31373, 995]
+    assert get_tokenizer().encode("<|endoftext|>", allowed_special="all") == [EOT]
+    # a fresh process, no TIKTOKEN_CACHE_DIR, no usable network, an empty temp dir: loads from data/tiktoken/
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR") and k.lower() not in ("no_proxy", "all_proxy")}
+    env.update({k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    env["TMPDIR"] = str(tmp_path)  # tiktoken's default cache lives under the temp dir: make it an empty one
+    code = "import os; from prepare_fineweb import get_tokenizer as g; print(g().encode_ordinary('hello world'), 'TIKTOKEN_CACHE_DIR' in os.environ)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "[31373, 995] False"  # and the user's environment is left as it was
+
+def test_round_trip_real_text(tmp_path, monkeypatch):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # many small tasks (> the in-flight window): order must hold
+    paths = main(["--input", str(src), "--out_dir", str(tmp_path / "a"), "--prefix", "t", "--shard_size", "1000", "--workers", "2"])
+    assert len(paths) > 3 and Path(paths[0]).name == "t_val_000000.bin" and Path(paths[-1]).name == f"t_train_{len(paths) - 1:06d}.bin"
+    check_shards(tmp_path / "a", "t", 1000, docs)
+    assert shard_paths(tmp_path / "a", "val") == [paths[0]] and shard_paths(tmp_path / "a", "train") == paths[1:]
+    for p in paths:
+        np.testing.assert_array_equal(load_shard(p), read_shard_independently(p))
+
+def test_cli_subprocess(tmp_path):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    cmd = [sys.executable, str(REPO / "prepare_fineweb.py"), "--input", str(src), "--out_dir", str(tmp_path / "b"),
+           "--shard_size", "777", "--workers", "1"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    check_shards(tmp_path / "b", "docs", 777, docs)  # default prefix: the input file's stem
+    # a user error: non-zero exit, one clear line naming the file, no traceback
+    r = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+def test_local_formats(tmp_path):
+    # .txt is one whole document; .json holds a list; .jsonl one object per line; all in argument order
+    (tmp_path / "a.txt").write_text("First line.\n\nSecond paragraph.\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "json one"}, {"text": "json two"}]), encoding="utf-8")
+    write_jsonl(tmp_path / "c.jsonl", ["jsonl one", "jsonl two"])
+    docs = ["First line.\n\nSecond paragraph.\n", "json one", "json two", "jsonl one", "jsonl two"]
+    main(["--input"] + [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jsonl")]
+         + ["--out_dir", str(tmp_path / "out"), "--prefix", "f", "--shard_size", "5", "--workers", "2"])
+    check_shards(tmp_path / "out", "f", 5, docs)
+
+def test_resume(tmp_path):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    argv = ["--input", str(src), "--out_dir", str(tmp_path / "r"), "--prefix", "r", "--shard_size", "1500", "--workers", "2"]
+    paths = main(argv)
+    assert len(paths) >= 5
+    original = [Path(p).read_bytes() for p in paths]
+    # simulate an interrupted run and damage: shard 3 half-written (only a .tmp), shard 2 truncated,
+    # shard 1 valid but with different tokens, the last shard missing
+    os.remove(paths[3])
+    Path(paths[3] + ".tmp").write_bytes(original[3][:700])
+    Path(paths[2]).write_bytes(original[2][:-10])
+    Path(paths[1]).write_bytes(original[1][:1030] + bytes([original[1][1030] ^ 1]) + original[1][1031:])
+    os.remove(paths[-1])
+    untouched = [0] + list(range(4, len(paths) - 1))
+    stats = {i: (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) for i in untouched}
+    assert main(argv) == paths
+    for i in untouched:  # complete, identical shards are not rewritten
+        assert (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) == stats[i]
+    assert [Path(p).read_bytes() for p in paths] == original
+    assert not list((tmp_path / "r").glob("*.tmp"))
+    check_shards(tmp_path / "r", "r", 1500, docs)
+
+def run_main_error(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return str(e.value)
+
+def test_bad_input(tmp_path):
+    out = ["--out_dir", str(tmp_path / "out"), "--workers", "2"]
+    (tmp_path / "empty.jsonl").write_text("")
+    msg = run_main_error(["--input", str(tmp_path / "empty.jsonl")] + out)
+    assert "empty.jsonl" in msg and "no documents" in msg
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt" in run_main_error(["--input", str(tmp_path / "empty.txt")] + out)
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"id": 7, "content": "no text field"}\n')
+    msg = run_main_error(["--input", str(tmp_path / "notext.jsonl")] + out)
+    assert "notext.jsonl" in msg and "line 2" in msg and "text" in msg
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    msg = run_main_error(["--input", str(tmp_path / "broken.jsonl")] + out)
+    assert "broken.jsonl" in msg and "line 2" in msg
+    assert "missing.jsonl" in run_main_error(["--input", str(tmp_path / "missing.jsonl")] + out)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage\x80")
+    assert "binary.txt" in run_main_error(["--input", str(tmp_path / "binary.txt")] + out)
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    assert "data.csv" in run_main_error(["--input", str(tmp_path / "data.csv")] + out)
+
+def test_bad_shards(tmp_path):
+    good = tmp_path / "x_train_000001.bin"
+    write_shard(str(good), np.arange(100, dtype=np.uint16))
+    data = good.read_bytes()
+    assert not (tmp_path / "x_train_000001.bin.tmp").exists()
+    cases = {"truncated": data[:-2], "too short": data[:100], "magic": b"\0" * 4 + data[4:],
+             "version": data[:4] + np.int32(2).tobytes() + data[8:]}
+    for what, content in cases.items():
+        bad = tmp_path / f"bad_{what.replace(' ', '_')}.bin"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=what) as e:
+            load_shard(str(bad))
+        assert str(bad) in str(e.value)
+    with pytest.raises(AssertionError):
+        write_shard(str(tmp_path / "big.bin"), np.array([70000]))
+    with pytest.raises(FileNotFoundError) as e:
+        shard_paths(str(tmp_path / "nothing"), "val")
+    assert "nothing" in str(e.value) and "val" in str(e.value) and "prepare_fineweb.py" in str(e.value)
+
+def test_parquet(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    docs = ["parquet one", "parquet two", "three"]
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), tmp_path / "d.parquet")
+    main(["--input", str(tmp_path / "d.parquet"), "--out_dir", str(tmp_path / "out"), "--shard_size", "4", "--workers", "1"])
+    check_shards(tmp_path / "out", "d", 4, docs)
+    pq.write_table(pa.table({"body": docs}), tmp_path / "nocol.parquet")
+    msg = run_main_error(["--input", str(tmp_path / "nocol.parquet"), "--out_dir", str(tmp_path / "out2")])
+    assert "nocol.parquet" in msg and "text" in msg
+
+def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
+    # no network here: a stand-in `datasets` module records the call and streams rows like FineWeb's
+    import types
+    calls = []
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": "row one", "id": "a"}, {"text": "row two", "id": "b"}])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.chdir(tmp_path)
+    main(["--dataset", "fineweb-edu", "--subset", "sample-100BT", "--shard_size", "3", "--workers", "2"])
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
+    check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
