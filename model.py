@@ -30,6 +30,7 @@ class GPTConfig:
     ffn: str = "dense"          # dense | switch | top2 | inf
     # discrete MoE (switch, top2)
     n_expert: int = 4
+    moe_top_k: int = 0            # experts per token; 0: 1 for switch, 2 for top2 (changeable at inference)
     aux_loss_coef: float = 0.01   # alpha, Switch load-balancing loss
     z_loss_coef: float = 0.001    # beta, router z-loss
     # ∞-MoE
@@ -51,8 +52,9 @@ class GPTConfig:
         if self.use_kernel not in ("auto", "on", "off"):
             raise ValueError(f"GPTConfig.use_kernel={self.use_kernel!r}: expected auto, on or off")
         if self.ffn in ("switch", "top2"):
-            if self.n_expert < (1 if self.ffn == "switch" else 2):
-                raise ValueError(f"GPTConfig.n_expert={self.n_expert} is too few for ffn={self.ffn}")
+            if not 1 <= self.experts_per_token <= self.n_expert:
+                raise ValueError(f"GPTConfig: n_expert={self.n_expert}, moe_top_k={self.moe_top_k} do not allow "
+                                 f"{self.experts_per_token} experts per token for ffn={self.ffn}")
             if self.n_embd % 8:  # grouped_mm wants 16-byte aligned rows (bf16: multiples of 8)
                 raise ValueError(f"GPTConfig.n_embd={self.n_embd}: switch/top2 need a multiple of 8")
 
@@ -60,6 +62,10 @@ class GPTConfig:
     def d_ff(self):
         """Width of the FFN's whole hidden (expert) space."""
         return {"dense": 4, "switch": 8, "top2": 8, "inf": 8}[self.ffn] * self.n_embd
+
+    @property
+    def experts_per_token(self):
+        return self.moe_top_k or (1 if self.ffn == "switch" else 2)
 
     @property
     def n_keep(self):
@@ -108,10 +114,10 @@ class TopKMoE(nn.Module):
     device, so there is no host sync and no capacity: every (token, slot) is computed.
     """
 
-    def __init__(self, config, top_k):
+    def __init__(self, config):
         super().__init__()
         E, d, h = config.n_expert, config.n_embd, config.d_ff // config.n_expert
-        self.top_k, self.n_expert = top_k, E
+        self.config, self.n_expert = config, E  # config shared with GPT: top-k can change at inference
         self.alpha, self.beta = config.aux_loss_coef, config.z_loss_coef
         self.W_r = nn.Linear(d, E, bias=False)                 # router
         self.W1 = nn.Parameter(torch.randn(E, d, h) * 0.02)    # experts, stored (E, in, out) for grouped_mm
@@ -123,12 +129,14 @@ class TopKMoE(nn.Module):
 
     def forward(self, x):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        N, E, k = x.shape[0], self.n_expert, self.top_k
+        N, E, k = x.shape[0], self.n_expert, self.config.experts_per_token
         with torch.autocast(x.device.type, enabled=False):  # router math in float32
             logits = F.linear(x.float(), self.W_r.weight.float())
             p = logits.softmax(dim=-1)
         top_p, top_e = p.topk(k, dim=-1)                       # (N, k)
-        gate = top_p if k == 1 else top_p / top_p.sum(-1, keepdim=True)  # switch: raw p; top2: renormalised
+        if self.config.ffn == "top2":
+            top_p = top_p / top_p.sum(-1, keepdim=True)     # top2: renormalised; switch: the raw p_e
+
 
         # group the N*k (token, slot) assignments by expert
         flat_e = top_e.flatten()
@@ -146,7 +154,7 @@ class TopKMoE(nn.Module):
         out = F.grouped_mm(F.gelu(h), self.W2.to(dt), offs=offs)
         if self.b2 is not None:
             out = out + self.b2.to(dt)[e_sorted]
-        out = out * gate.flatten()[order, None].to(dt)
+        out = out * top_p.flatten()[order, None].to(dt)
         y = torch.zeros_like(x, dtype=dt).index_add_(0, token, out)
 
         # Switch load balancing: alpha * E * sum_i f_i P_i, and the router z-loss
@@ -256,8 +264,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = {"dense": lambda: DenseFFN(config), "switch": lambda: TopKMoE(config, 1),
-                    "top2": lambda: TopKMoE(config, 2), "inf": lambda: InfMoE(config)}[config.ffn]()
+        self.mlp = {"dense": lambda: DenseFFN(config), "switch": lambda: TopKMoE(config),
+                    "top2": lambda: TopKMoE(config), "inf": lambda: InfMoE(config)}[config.ffn]()
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -314,8 +322,13 @@ class GPT(nn.Module):
             loss = loss + aux
         return logits, loss
 
-    def set_sampling(self, z_samples=None, z_deterministic=None):
-        """∞-MoE inference knobs: K samples of z, or z = mu. Every layer reads the shared config."""
+    def set_sampling(self, z_samples=None, z_deterministic=None, moe_top_k=None):
+        """Inference knobs: ∞-MoE's K samples of z or z = mu; switch/top2's experts per token.
+        Every layer reads the shared config, so this takes effect at the next forward."""
+        if moe_top_k is not None:
+            if not 0 <= moe_top_k <= self.config.n_expert:
+                raise ValueError(f"moe_top_k={moe_top_k}: must be between 0 (default) and n_expert")
+            self.config.moe_top_k = moe_top_k
         if z_samples is not None:
             if z_samples < 1:
                 raise ValueError(f"z_samples={z_samples}: need at least one sample")
@@ -344,8 +357,7 @@ class GPT(nn.Module):
         d, b = c.n_embd, int(c.bias)
         if c.ffn in ("switch", "top2"):
             h = c.d_ff // c.n_expert
-            per_expert = d * h + h * d + b * (h + d)
-            idle = (c.n_expert - (1 if c.ffn == "switch" else 2)) * per_expert
+            idle = (c.n_expert - c.experts_per_token) * (d * h + h * d + b * (h + d))
         else:
             units = min(c.d_ff, c.z_samples * c.n_keep) if not c.z_deterministic else c.n_keep
             idle = (c.d_ff - units) * (2 * d + b)  # a hidden unit owns a row of W1, a column of W2, a b1 entry

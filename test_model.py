@@ -493,3 +493,135 @@ def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
     main(["--dataset", "fineweb-edu", "--subset", "sample-100BT", "--shard_size", "3", "--workers", "2"])
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
     check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
+
+
+# ----------------------------------------------------------------------------- training (train.py, sample.py)
+
+import sample  # noqa: E402
+import train  # noqa: E402
+
+
+def write_llmc_shard(path, tokens):
+    """llm.c's shard format, written here independently of prepare_fineweb."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 1, len(tokens)]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """A learnable token stream: one random 40-token phrase repeated, in a val and two train shards."""
+    rng = np.random.default_rng(0)
+    phrase = rng.integers(0, 97, 40)
+    stream = np.tile(phrase, 400)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_llmc_shard(data / "syn_val_000000.bin", stream[:4000])
+    write_llmc_shard(data / "syn_train_000001.bin", stream[:7000])
+    write_llmc_shard(data / "syn_train_000002.bin", stream[7:9000])
+    return data
+
+
+def tiny_run(data, out, *extra):
+    return [f"--data_dir={data}", f"--out_dir={out}", "--vocab_size=97", "--n_layer=1", "--n_head=2",
+            "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=4", "--eval_iters=2",
+            "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_training_loss_decreases(shards, tmp_path, ffn):
+    train.main(tiny_run(shards, tmp_path / "out", f"--ffn={ffn}", "--max_iters=30", "--eval_interval=30"))
+    log = read_log(tmp_path / "out")
+    losses = [r["loss"] for r in log if "loss" in r]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(losses) == 30 and all(r["step"] for r in log if "loss" in r)
+    assert losses[-1] < losses[0] - 1.0 and vals[-1] < vals[0] - 1.0
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+    if ffn == "inf":
+        assert {"entropy", "sigma", "active"} <= set(log[-2])
+    if ffn in ("switch", "top2"):
+        assert len(log[-2]["load"]) == 4 and log[-2]["aux_loss"] > 0
+
+
+def test_resume_is_exact(shards, tmp_path):
+    common = ["--ffn=inf", "--eval_interval=4", "--lr_decay_iters=8", "--gradient_accumulation_steps=2"]
+    train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=8"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=4"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=8", "--init_from=resume"))
+    full = {r["step"]: r["loss"] for r in read_log(tmp_path / "a") if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_log(tmp_path / "b") if "loss" in r}
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical
+
+
+def test_eval_only_with_k_and_deterministic(shards, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=4", "--eval_interval=4"))
+    v1 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))
+    v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))
+    v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_samples=4"))
+    assert v1 == v2 and math.isfinite(v4)
+    assert read_log(out)[-1]["z_samples"] == 4
+    with pytest.raises(ValueError, match="n_embd"):
+        train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--n_embd=64"))
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "truncated"), ("magic", "magic")])
+def test_bad_shard_names_the_file(shards, tmp_path, damage, message):
+    bad = shards / "syn_train_000001.bin"
+    raw = bytearray(bad.read_bytes())
+    bad.write_bytes(raw[:-10] if damage == "truncate" else b"\x00\x00\x00\x00" + raw[4:])
+    with pytest.raises(ValueError, match=message) as err:
+        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=2"))
+    assert str(bad) in str(err.value)
+
+
+def test_bad_options_are_named(shards, tmp_path):
+    with pytest.raises(ValueError, match="--bogus"):
+        train.main(["--bogus=1"])
+    with pytest.raises(ValueError, match="--max_iters=ten"):
+        train.main(["--max_iters=ten"])
+    with pytest.raises(ValueError, match="--compile=maybe"):
+        train.main(["--compile=maybe"])
+    with pytest.raises(ValueError, match="ffn='moe'"):
+        train.main(["--ffn=moe"])
+    res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    assert res.returncode != 0 and "unknown option --learning_rat" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2"))
+    prompt = "!"  # GPT-2 id 0: inside the tiny model's 97-token vocabulary
+    texts = sample.main([f"--out_dir={out}", f"--start={prompt}", "--num_samples=2", "--max_new_tokens=5",
+                         "--z_samples=3"])
+    assert len(texts) == 2 and all(t.startswith(prompt) and len(t) > len(prompt) for t in texts)
+    with pytest.raises(ValueError, match="vocab_size 97"):
+        sample.main([f"--out_dir={out}", "--start=Hello"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sample.main([f"--out_dir={tmp_path / 'nowhere'}"])
+
+
+def test_ddp_two_processes_match_one(shards, tmp_path):
+    """2 gloo processes x 1 micro-batch each == 1 process x 2 micro-batches: same global batch, same loss."""
+    args = ["--ffn=switch", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu"]
+    train.main(tiny_run(shards, tmp_path / "one", *args))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_run(shards, tmp_path / "two", *args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = [r for r in read_log(tmp_path / "one") if "loss" in r]
+    two = [r for r in read_log(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-6
+    assert abs(read_log(tmp_path / "one")[-1]["val_loss"] - read_log(tmp_path / "two")[-1]["val_loss"]) < 1e-5

@@ -70,7 +70,7 @@ PRESETS = {
     "gpt2": (RECIPE, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)),
     "gpt2-medium": (RECIPE, dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)),
 }
-INFERENCE_KNOBS = ("z_samples", "z_deterministic", "use_kernel", "dropout")  # may differ from a checkpoint's
+INFERENCE_KNOBS = ("z_samples", "z_deterministic", "moe_top_k", "use_kernel", "dropout")  # may differ from a checkpoint's
 
 # Peak dense bf16 tensor FLOP/s per GPU, for MFU; unknown GPUs get no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -194,21 +194,23 @@ def peak_flops(device):
 def reduce_mean(t, ddp):
     if ddp:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        dist.all_reduce(t)  # SUM: gloo has no AVG
+        t /= dist.get_world_size()
     return t
 
 
 @torch.no_grad()
 def evaluate(model, loader, eval_iters, ctx, ddp, device):
-    """Mean validation cross-entropy over the first eval_iters val batches of every rank.
+    """Mean validation cross-entropy over the val shard's first eval_iters batches, split across ranks:
+    the same eval_iters * batch_size * block_size tokens whatever the number of processes.
 
     Runs in its own RNG stream so evaluating never changes the training run's random numbers.
     """
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         loader.reset()
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
+        losses = torch.zeros(eval_iters // loader.world, device=device)
+        for k in range(len(losses)):
             x, y = (t.to(device) for t in loader.next_batch())
             with ctx:
                 logits, _ = model(x, y)
@@ -291,6 +293,8 @@ def main(argv=None):
         raise ValueError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                          f"the {world} processes")
     grad_accum = cfg.gradient_accumulation_steps // world
+    if cfg.eval_iters % world:
+        raise ValueError(f"--eval_iters={cfg.eval_iters} is not divisible by the {world} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
@@ -330,7 +334,7 @@ def main(argv=None):
     if master:
         print(f"{model_args['ffn']} GPT: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
               f"{world} process(es) on {device}, {dtype}, "
-              f"{cfg.batch_size * model.config.block_size * grad_accum * world:,} tokens per step")
+              f"{cfg.batch_size * raw_model.config.block_size * grad_accum * world:,} tokens per step")
 
     if cfg.eval_only:
         val = evaluate(raw_model, val_loader, cfg.eval_iters, ctx, ddp, device)
