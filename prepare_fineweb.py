@@ -25,6 +25,7 @@ import argparse
 import functools
 import collections
 import multiprocessing as mp
+import urllib.request
 
 import numpy as np
 import tiktoken
@@ -253,6 +254,50 @@ def prepare(docs, out_dir, prefix, shard_size, workers):
               f"delete them before training: {' '.join(stale)}")
     return paths
 
+# -----------------------------------------------------------------------------
+# HellaSwag (zero-shot evaluation data; scored by train.py --hellaswag)
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_PATH = os.path.join(REPO_DIR, "data", "hellaswag", "hellaswag_val.jsonl")  # 10,042 examples
+HELLASWAG_FETCH = "python prepare_fineweb.py --hellaswag"
+
+def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
+    """The official HellaSwag validation split at path, downloaded first if it is missing; returns path."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(path + ".tmp", "wb") as f:
+            f.write(r.read())  # ~11 MB
+    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
+        raise DataError(f"cannot download HellaSwag from {url} to {path}: {e}. Run `{HELLASWAG_FETCH}` "
+                        f"where the network is reachable, or copy the file to {path}") from None
+    os.replace(path + ".tmp", path)  # an interrupted download never leaves a partial file under the real name
+    return path
+
+def load_hellaswag(path=HELLASWAG_PATH, limit=None):
+    """HellaSwag examples as dicts {ctx, endings (4 strings), label (0-3)}: all, or the first `limit`.
+    Never downloads: evaluation runs may have no network, so the file is fetched beforehand."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no HellaSwag data at {path}; fetch it with `{HELLASWAG_FETCH}`")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                ctx, endings, label = ex["ctx"], ex["endings"], ex["label"]
+                if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
+                        and all(isinstance(e, str) for e in endings) and label in (0, 1, 2, 3)):
+                    raise ValueError("expected a string ctx, a list of 4 string endings and a label 0-3")
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}, line {lineno}: not a HellaSwag example ({type(e).__name__}: {e})") from None
+            examples.append({"ctx": ctx, "endings": endings, "label": int(label)})
+    return examples
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenise FineWeb or local files into llm.c-format GPT-2 shards.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="fineweb", help="Hugging Face source")
@@ -262,7 +307,13 @@ def main(argv=None):
     p.add_argument("--prefix", help="shard name prefix; default: fineweb, or the first input file's name stem")
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="tokeniser processes")
+    p.add_argument("--hellaswag", action="store_true", help="download HellaSwag val to data/hellaswag/ and exit")
     args = p.parse_args(argv)
+    if args.hellaswag:
+        try:
+            return print(download_hellaswag())
+        except DataError as e:
+            raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
     if args.shard_size < 1:
         p.error("--shard_size must be positive")
     workers = max(1, min(args.workers, os.cpu_count() or 1))

@@ -4,18 +4,23 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import kernel
 import prepare_fineweb
 from model import GPT, GPTConfig, InfMoE, averaged_topk_mask, inf_ffn_reference
-from prepare_fineweb import EOT, get_tokenizer, load_shard, main, shard_paths, write_shard
+from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard, main,
+                             shard_paths, write_shard)
 
 FFNS = ["dense", "switch", "top2", "inf"]
 
@@ -563,9 +568,9 @@ def test_resume_is_exact(shards, tmp_path):
 def test_eval_only_with_k_and_deterministic(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=4", "--eval_interval=4"))
-    v1 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))
-    v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))
-    v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_samples=4"))
+    v1 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))["val_loss"]
+    v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))["val_loss"]
+    v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_samples=4"))["val_loss"]
     assert v1 == v2 and math.isfinite(v4)
     assert read_log(out)[-1]["z_samples"] == 4
     with pytest.raises(ValueError, match="n_embd"):
@@ -625,3 +630,344 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-6
     assert abs(read_log(tmp_path / "one")[-1]["val_loss"] - read_log(tmp_path / "two")[-1]["val_loss"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- HellaSwag
+
+from train import collate, hellaswag_eval, render_example, score_endings  # noqa: E402
+
+V = 50257
+
+
+class Bigram(nn.Module):
+    """Fake GPT whose next-token distribution depends only on the current token: a few hand-set rows
+    {current: {next: p}}, the rest of each row's mass spread evenly; unlisted tokens predict uniformly.
+    Its logits are exact log-probabilities, so every log-likelihood can be worked out by hand."""
+
+    def __init__(self, rows, block_size=64):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=block_size)
+        self.rows = rows
+
+    def forward(self, idx, targets=None):
+        logits = torch.full((*idx.shape, V), -math.log(V))
+        for cur, nxt in self.rows.items():
+            row = torch.full((V,), math.log((1 - sum(nxt.values())) / (V - len(nxt))))
+            row[list(nxt)] = torch.tensor(list(nxt.values())).log()
+            logits[idx == cur] = row
+        return logits, None
+
+
+def hand_model():
+    enc = get_tokenizer()
+    tok = lambda s: enc.encode_ordinary(s)[0]
+    dot, dog, cat, fish, bird = (tok(s) for s in (".", " dog", " cat", " fish", " bird"))
+    # after ".": " dog" 0.3, " cat" 0.5, " fish"/" bird" 0.05;  after " cat": " cat" 0.5
+    return Bigram({dot: {dog: 0.3, cat: 0.5, fish: 0.05, bird: 0.05}, cat: {cat: 0.5}})
+
+
+ENDINGS = ["dog", "cat cat cat", "fish", "bird"]
+
+
+def test_hand_worked_acc_and_acc_norm():
+    # every ctx ends in "." so, by hand:   dog          cat cat cat       fish / bird
+    #   summed log-likelihood           log .3 = -1.20   3 log .5 = -2.08   log .05 = -3.00
+    #   per-token average               -1.20            log .5 = -0.69     -3.00
+    # acc picks "dog" (highest sum), acc_norm picks "cat cat cat" (highest average): they disagree.
+    model = hand_model()
+    enc = get_tokenizer()
+    tokens, mask, _ = render_example({"ctx": "It rained.", "endings": ENDINGS, "label": 0}, enc)
+    total, mean = score_endings(model, tokens, mask, nullcontext())
+    want_total = torch.tensor([math.log(0.3), 3 * math.log(0.5), math.log(0.05), math.log(0.05)])
+    # float32 log-softmax over 50257 logits is good to ~1e-4; the endings differ by > 0.5
+    torch.testing.assert_close(total, want_total, rtol=0, atol=1e-3)
+    torch.testing.assert_close(mean, want_total / torch.tensor([1.0, 3.0, 1.0, 1.0]), rtol=0, atol=1e-3)
+
+    # labels 1, 1, 0, 2: acc right only on the third (1/4), acc_norm on the first two (2/4)
+    ctxs = ["It rained.", "Once upon a time.", "He sat down.", "The end."]
+    examples = [{"ctx": c, "endings": ENDINGS, "label": y} for c, y in zip(ctxs, [1, 1, 0, 2])]
+    model.train()
+    r = hellaswag_eval(model, examples, "cpu", nullcontext(), batch_examples=3, progress=False)
+    assert r == dict(acc=0.25, acc_norm=0.5, n=4, correct=1, correct_norm=2)
+    assert model.training  # train mode restored
+
+    # two ranks see disjoint halves whose counts add up to the whole
+    parts = [hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False, rank=k, world=2) for k in (0, 1)]
+    assert [p["n"] for p in parts] == [2, 2]
+    assert sum(p["correct"] for p in parts) == 1 and sum(p["correct_norm"] for p in parts) == 2
+
+
+def test_render_example():
+    enc = get_tokenizer()
+    ex = {"ctx": "the cat sat on the", "endings": ["mat.", "a long ending of several tokens", "x", "y"], "label": 0}
+    tokens, mask, label = render_example(ex, enc)
+    ctx = enc.encode_ordinary(ex["ctx"])
+    assert label == 0 and tokens.shape == mask.shape == (4, len(ctx) + 6)
+    assert tokens[0, :len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" mat.")  # ending after a space
+    assert mask.sum(1).tolist() == [2, 6, 1, 1] and mask[:, :len(ctx)].sum() == 0
+    assert tokens[0, len(ctx) + 2:].tolist() == [EOT] * 4  # right padding, masked out
+
+    # longer than max_len: cut from the left, the ending kept whole
+    tokens, mask, _ = render_example({**ex, "ctx": "word " * 40}, enc, max_len=16)
+    assert tokens.shape == (4, 16) and mask.sum(1).tolist() == [2, 6, 1, 1]
+    assert tokens[1, -6:].tolist() == enc.encode_ordinary(" a long ending of several tokens")
+
+
+def tiny_gpt(ffn="dense", block_size=64, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(ffn=ffn, n_layer=2, n_head=2, n_embd=32, block_size=block_size, d_z=8))
+
+
+@pytest.mark.parametrize("ffn", ["dense", "switch", "inf"])
+def test_padding_invariance(ffn):
+    model = tiny_gpt(ffn).eval()
+    model.set_sampling(z_deterministic=True)  # ∞-MoE: z = mu, so two forwards are comparable
+    enc = get_tokenizer()
+    short = render_example({"ctx": "A man walks", "endings": ["in.", "out of the house.", "up", "away"],
+                            "label": 0}, enc)
+    longer = [render_example({"ctx": "A much longer context " * k, "endings": ["one", "two", "three", "four"],
+                              "label": 1}, enc) for k in (3, 6)]
+    alone = score_endings(model, short[0], short[1], nullcontext())
+    tokens, mask, labels = collate([longer[0], short, longer[1]])
+    assert tokens.size(1) > short[0].size(1) and labels.tolist() == [1, 0, 1]
+    batched = score_endings(model, tokens, mask, nullcontext())
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b[4:8], a, rtol=1e-5, atol=1e-5)
+
+
+def test_truncation_to_block_size():
+    model = tiny_gpt(block_size=16)
+    ex = {"ctx": "a very long context that does not fit " * 5, "endings": ENDINGS, "label": 1}
+    r = hellaswag_eval(model, [ex, ex], "cpu", nullcontext(), progress=False)  # would raise if T > block_size
+    assert r["n"] == 2
+
+
+# six examples whose right ending continues a pattern the context shows; the wrong endings are the other
+# examples' right endings, so all four are equally familiar and only the context tells them apart
+FIXTURE = [
+    ("the cat sat on the mat. the cat sat on the", "mat."),
+    ("one two three four. one two three", "four."),
+    ("red green blue. red green", "blue."),
+    ("alpha beta gamma delta. alpha beta gamma", "delta."),
+    ("I like apples and pears. I like apples and", "pears."),
+    ("the sun rises in the east. the sun rises in the", "east."),
+]
+
+
+def write_fixture(path):
+    with open(path, "w") as f:
+        for i, (ctx, right) in enumerate(FIXTURE):
+            wrong = [FIXTURE[(i + k) % len(FIXTURE)][1] for k in (1, 2, 3)]
+            label = i % 4
+            endings = wrong[:label] + [right] + wrong[label:]
+            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
+
+
+def test_tiny_gpt_learns_fixture(tmp_path):
+    path = tmp_path / "hellaswag_val.jsonl"
+    write_fixture(path)
+    examples = load_hellaswag(str(path))
+    assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
+
+    # full-batch training on the six right continuations (row = ctx + " " + right ending, padding ignored)
+    enc = get_tokenizer()
+    rows = [enc.encode_ordinary(f"{ctx} {right}") for ctx, right in FIXTURE]
+    T = max(map(len, rows))
+    x = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
+    y = torch.tensor([r[1:] + [-1] * (T - len(r) + 1) for r in rows])
+    model = tiny_gpt(block_size=32)
+    before = hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(80):  # ~10-25 s on a 2-core CPU: every step computes 50257-way logits
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    r = hellaswag_eval(model, examples, "cpu", nullcontext(), batch_examples=4, progress=False)
+    assert r["n"] == 6 and r["acc_norm"] >= 5 / 6 and r["acc"] >= 5 / 6, (before, r)  # chance: 1/4
+
+
+def test_inf_sampling_knobs(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    write_fixture(path)
+    examples = load_hellaswag(str(path))
+    model = tiny_gpt("inf")
+    for K in (1, 4):
+        model.set_sampling(z_samples=K, z_deterministic=False)
+        r = hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False)
+        assert r["n"] == 6 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+    model.set_sampling(z_deterministic=True)
+    runs = [hellaswag_eval(model, examples, "cpu", nullcontext(), batch_examples=k, progress=False) for k in (1, 8)]
+    assert runs[0] == runs[1]  # z = mu: reproducible, whatever the batching
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nowhere" / "hellaswag_val.jsonl")
+    with pytest.raises(FileNotFoundError) as e:
+        load_hellaswag(path)
+    assert path in str(e.value) and "python prepare_fineweb.py --hellaswag" in str(e.value)
+
+
+def test_download_unreachable(tmp_path):
+    path = str(tmp_path / "hs" / "hellaswag_val.jsonl")
+    url = "http://127.0.0.1:9/x"
+    with pytest.raises(DataError) as e:
+        download_hellaswag(path, url=url, timeout=5)
+    msg = str(e.value)
+    assert url in msg and path in msg and "python prepare_fineweb.py --hellaswag" in msg
+    assert not (tmp_path / "hs" / "hellaswag_val.jsonl").exists()
+
+
+def test_download_existing_file_is_kept(tmp_path):
+    path = tmp_path / "hellaswag_val.jsonl"
+    write_fixture(path)
+    assert download_hellaswag(str(path), url="http://127.0.0.1:9/x") == str(path)  # no network touched
+
+
+def test_malformed_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_fixture(path)
+    with open(path, "a") as f:
+        f.write('{"ctx": "x", "endings": ["a", "b"], "label": 0}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 7"):
+        load_hellaswag(str(path))
+    path.write_text("not json\n")
+    with pytest.raises(DataError, match=r"line 1"):
+        load_hellaswag(str(path))
+
+
+def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
+    """`train.py --eval_only --init_from=resume --hellaswag` on a checkpoint: acc and acc_norm printed and logged."""
+    out, fixture = tmp_path / "out", tmp_path / "hs.jsonl"
+    write_fixture(fixture)
+    run = lambda *a: train.main([x for x in tiny_run(shards, out, *a) if not x.startswith("--vocab_size")])
+    run("--ffn=top2", "--max_iters=2", "--eval_interval=2")  # full GPT-2 vocabulary
+    record = run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={fixture}",
+                 "--hellaswag_limit=4", "--moe_top_k=1")
+    assert record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1 and record["moe_top_k"] == 1
+    assert "hellaswag acc" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
+        run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}")
+
+
+# ----------------------------------------------------------------------------- Triton kernel (kernel.py)
+
+def make_inputs(N, d, d_ff, d_z, K, bias, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0, dt=dtype: (torch.randn(*s, generator=g) * scale).to(dt).requires_grad_()
+    return dict(x=r(N, d), W1=r(d_ff, d, scale=d ** -0.5), b1=r(d_ff, scale=0.1) if bias else None,
+                W2=r(d, d_ff, scale=d_ff ** -0.5), b2=r(d, scale=0.1) if bias else None,
+                W_z=r(d_ff, d_z, scale=d_z ** -0.5, dt=torch.float32), z=r(K, N, d_z, dt=torch.float32))
+
+
+def run(fn, inp, top_frac, dy):
+    leaves = {k: v for k, v in inp.items() if v is not None and v.requires_grad}
+    for v in leaves.values():
+        v.grad = None
+    y, counts, n_active = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), top_frac)
+    y.backward(dy)
+    return y.detach(), counts, n_active, {k: v.grad.clone() for k, v in leaves.items()}
+
+
+def check_against_reference(inp, top_frac, rtol=1e-4, atol=1e-5):
+    dy = torch.randn(inp["x"].shape[0], inp["W2"].shape[0], generator=torch.Generator().manual_seed(1))
+    dy = dy.to(inp["x"].dtype)
+    y0, c0, n0, g0 = run(inf_ffn_reference, inp, top_frac, dy)
+    y1, c1, n1, g1 = run(kernel.inf_ffn, inp, top_frac, dy)
+    assert y1.dtype == inp["x"].dtype and y1.shape == y0.shape
+    torch.testing.assert_close(y1, y0, rtol=rtol, atol=atol)
+    assert torch.equal(c1, c0.float()) and c1.dtype == torch.float32
+    assert n1.item() == n0.item() and n1.dtype == torch.float32 and n1.dim() == 0
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    return c1, n1
+
+
+# N, d, d_ff, d_z deliberately not multiples of the 16-wide interpreter tiles
+@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (2, True, 0.1), (3, False, 0.3),
+                                             (2, False, 1.0), (3, True, 1.0), (1, False, 0.02)])
+def test_matches_reference(K, bias, top_frac):
+    inp = make_inputs(N=37, d=24, d_ff=45, d_z=20, K=K, bias=bias, seed=K)
+    counts, n_active = check_against_reference(inp, top_frac)
+    n_keep = max(1, round(top_frac * 45))
+    assert counts.sum().item() == K * 37 * n_keep  # random scores: no ties, exactly n_keep per (token, sample)
+    if top_frac == 1.0 and K == 1:
+        assert n_active.item() == 37 * 45
+
+
+def test_ties_follow_the_tie_rule():
+    # Integer-valued scores are exact in fp32, so ties are exact. d_ff = 8, n_keep = round(0.25 * 8) = 2.
+    # Row 0 scores: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest is 3 -> keep every score >= 3 (five neurons).
+    # Row 1: all scores equal -> all eight kept. Row 2: [-1, -4, -1, -3, -2, -5, -6, -7] -> keep the two -1.
+    scores = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8, [-1., -4, -1, -3, -2, -5, -6, -7]])
+    # z = scores rows padded with zeros, W_z = identity (d_z = 8): m = z W_z^T = scores exactly.
+    inp = make_inputs(N=3, d=5, d_ff=8, d_z=8, K=1, bias=True)
+    inp["z"] = scores[None].clone().requires_grad_()
+    inp["W_z"] = torch.eye(8).requires_grad_()
+    keep = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8, [1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    y, counts, n_active = kernel.inf_ffn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)
+    M = torch.where(keep, scores, 0.0)
+    h = F.gelu(F.linear(inp["x"], inp["W1"], inp["b1"]))
+    torch.testing.assert_close(y, F.linear(h * M, inp["W2"], inp["b2"]), rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == keep.sum(0).float().tolist()
+    assert n_active.item() == (M != 0).sum().item() == 15
+    check_against_reference(inp, 0.25)  # gradients through tied entries as well
+
+
+def test_select_negative_zero_ties_positive_zero():
+    # -0.0 == +0.0 as floats: when 0 is the n_keep-th largest score both zeros are kept, as `m >= thr`.
+    s = torch.tensor([[1.0, -0.0, 0.0, -1.0, 2.0]])
+    keep = s >= torch.topk(s, 3, dim=1).values[:, -1:]
+    bits = torch.zeros(1, 1, dtype=torch.uint8)
+    kernel._select_kernel[(1,)](s, bits, 1, 5, 1, 3, ROWS=16, BLOCK_F=8)
+    assert bits.item() == sum(1 << j for j in range(5) if keep[0, j]) == 0b10111
+
+
+def test_duplicated_router_rows_tie(monkeypatch):
+    # Two identical W_z rows give bit-identical scores: both or neither must be kept, in every row.
+    # Also: the selection's score scratch holds 6 rows, so it runs in 4 chunks (6, 6, 6, 2 rows),
+    # and z needs no gradient (only W_z gets one).
+    monkeypatch.setattr(kernel, "SCRATCH_ELEMS", 6 * 17)
+    inp = make_inputs(N=20, d=8, d_ff=17, d_z=6, K=2, bias=False, seed=3)
+    with torch.no_grad():
+        inp["W_z"][5] = inp["W_z"][11]
+    inp["z"].requires_grad_(False)
+    counts, _ = check_against_reference(inp, 0.3)
+    assert counts[5] == counts[11]
+
+
+def test_bf16_runs():
+    # dtype plumbing only (the interpreter emulates bf16): loose bf16 tolerance
+    inp = make_inputs(N=19, d=16, d_ff=33, d_z=16, K=2, bias=True, dtype=torch.bfloat16)
+    check_against_reference(inp, 0.25, rtol=5e-2, atol=5e-2)
+
+
+def test_cpu_without_interpreter_raises():
+    code = ("import os, torch; os.environ.pop('TRITON_INTERPRET', None); import kernel\n"
+            "t = torch.zeros(2, 2)\n"
+            "try: kernel.inf_ffn(t, t, None, t, None, t, t[None], 0.5)\n"
+            "except RuntimeError as e: print('raised:', 'TRITON_INTERPRET=1' in str(e))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert "raised: True" in out.stdout, out.stdout + out.stderr
+
+
+def test_model_training_step_with_kernel_matches_pytorch_path():
+    torch.manual_seed(0)
+    ref = GPT(tiny("inf", use_kernel="off"))
+    fused = GPT(tiny("inf", use_kernel="on"))
+    fused.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    losses = []
+    for model in (ref, fused):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam's first step would amplify 1e-9 grads to ±lr
+        torch.manual_seed(1)  # same ∞-MoE noise
+        _, loss = model(idx, targets)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
-from prepare_fineweb import load_shard, shard_paths
+from tqdm import tqdm
+
+from prepare_fineweb import EOT, HELLASWAG_PATH, get_tokenizer, load_hellaswag, load_shard, shard_paths
 
 
 @dataclass
@@ -32,6 +34,9 @@ class TrainConfig:
     init_from: str = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
     eval_only: bool = False
+    hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
+    hellaswag_limit: int = 0          # 0: all 10,042 examples; else the first N (a quick look)
+    hellaswag_path: str = HELLASWAG_PATH
     eval_interval: int = 100
     eval_iters: int = 20              # validation batches; always the same val tokens
     log_interval: int = 10
@@ -219,6 +224,95 @@ def evaluate(model, loader, eval_iters, ctx, ddp, device):
     return reduce_mean(losses.mean(), ddp).item()
 
 
+# ----------------------------------------------------------------------------- HellaSwag
+
+def render_example(example, enc, max_len=None):
+    """One HellaSwag example -> tokens (4, T), mask (4, T), label.
+
+    Row i is the context followed by " " + ending i (completion style, as llm.c / nanoGPT's hellaswag.py);
+    mask is 1 on the ending's tokens. A row longer than max_len (the model's block_size) loses tokens from
+    the LEFT, so the ending is scored whole on a shortened context. Short rows are padded on the right with
+    EOT: causal attention never looks right, and the mask leaves the padding out of the score.
+    """
+    ctx = enc.encode_ordinary(example["ctx"])
+    rows = []
+    for ending in example["endings"]:
+        end = enc.encode_ordinary(" " + ending)
+        rows.append((ctx + end, [0] * len(ctx) + [1] * len(end)))
+    if max_len:
+        rows = [(t[-max_len:], m[-max_len:]) for t, m in rows]
+    T = max(len(t) for t, _ in rows)
+    tokens = torch.tensor([t + [EOT] * (T - len(t)) for t, _ in rows], dtype=torch.long)
+    mask = torch.tensor([m + [0] * (T - len(m)) for _, m in rows], dtype=torch.long)
+    return tokens, mask, example["label"]
+
+
+def collate(rendered):
+    """render_example outputs of several examples -> tokens (4B, T), mask (4B, T), labels (B,): one forward."""
+    T = max(tokens.size(1) for tokens, _, _ in rendered)
+    tokens = torch.cat([F.pad(t, (0, T - t.size(1)), value=EOT) for t, _, _ in rendered])
+    mask = torch.cat([F.pad(m, (0, T - m.size(1))) for _, m, _ in rendered])
+    return tokens, mask, torch.tensor([label for _, _, label in rendered])
+
+
+@torch.no_grad()
+def score_endings(model, tokens, mask, ctx):
+    """Log-likelihood of each row's masked (ending) tokens: summed and per-token mean, float32 (R,) each.
+    Logits at position t predict token t+1, so a row's first token is never scored (it is context unless
+    an ending alone fills block_size). Right padding is harmless: causal attention never looks right."""
+    with ctx:
+        logits, _ = model(tokens, tokens)  # given targets, GPT returns the logits of every position
+    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    m = mask[:, 1:].float()
+    total = (logp.view_as(m) * m).sum(1)
+    return total, total / m.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def hellaswag_eval(model, examples, device, ctx, batch_examples=8, progress=True, rank=0, world=1):
+    """Zero-shot HellaSwag accuracy, completion style: each ending is scored by the model's log-likelihood
+    of its tokens after the context (llm.c / nanoGPT's hellaswag.py; GPT-2 124M: acc 28.6%, acc_norm 29.55%).
+
+      acc       the ending with the highest SUMMED log-likelihood is the label
+      acc_norm  the ending with the highest PER-TOKEN AVERAGE log-likelihood is the label
+
+    (The Eleuther harness scores multiple-choice style and its acc_norm divides by the ending's length in
+    bytes; GPT-2 124M gets 31.1% acc_norm there, so compare only numbers of the same style.)
+    Rank r of world scores examples r, r + world, ...; the raw counts correct, correct_norm and n are
+    returned too, to be summed across ranks (dist.all_reduce) before dividing. Pass the raw model, not
+    DDP/compiled. Runs in eval mode and its own RNG stream (∞-MoE draws noise), then restores both.
+    """
+    enc, device = get_tokenizer(), torch.device(device)
+    mine = examples[rank::world]
+    correct = correct_norm = 0
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in tqdm(range(0, len(mine), batch_examples), desc="hellaswag", disable=not progress):
+            rendered = [render_example(ex, enc, model.config.block_size) for ex in mine[i:i + batch_examples]]
+            tokens, mask, labels = (t.to(device) for t in collate(rendered))
+            total, mean = score_endings(model, tokens, mask, ctx)
+            correct += (total.view(len(rendered), -1).argmax(1) == labels).sum().item()
+            correct_norm += (mean.view(len(rendered), -1).argmax(1) == labels).sum().item()
+    model.train(was_training)
+    n = len(mine)
+    return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=n,
+                correct=correct, correct_norm=correct_norm)
+
+
+def run_hellaswag(model, cfg, device, ctx, master, rank, world, ddp):
+    """HellaSwag over all ranks: acc and acc_norm from counts summed across processes."""
+    r = hellaswag_eval(model, load_hellaswag(cfg.hellaswag_path, limit=cfg.hellaswag_limit or None), device, ctx,
+                       progress=master, rank=rank, world=world)
+    counts = torch.tensor([r["correct"], r["correct_norm"], r["n"]], dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(counts)
+    correct, correct_norm, n = counts.tolist()
+    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "hellaswag_n": int(n)}
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
 def save_checkpoint(path, ckpt):
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
@@ -336,14 +430,23 @@ def main(argv=None):
               f"{world} process(es) on {device}, {dtype}, "
               f"{cfg.batch_size * raw_model.config.block_size * grad_accum * world:,} tokens per step")
 
+    def run_eval(extra):
+        record = {"step": iter_num, "val_loss": evaluate(raw_model, val_loader, cfg.eval_iters, ctx, ddp, device),
+                  **extra}
+        line = f"step {iter_num}: val loss {record['val_loss']:.4f}"
+        if cfg.hellaswag:
+            record.update(run_hellaswag(raw_model, cfg, device, ctx, master, rank, world, ddp))
+            line += (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm {record['hellaswag_acc_norm']:.4f}"
+                     f" ({record['hellaswag_n']} examples)")
+        logger.log(record, line)
+        return record
+
     if cfg.eval_only:
-        val = evaluate(raw_model, val_loader, cfg.eval_iters, ctx, ddp, device)
-        logger.log({"step": iter_num, "val_loss": val, "eval_only": True,
-                    "z_samples": model_args["z_samples"], "z_deterministic": model_args["z_deterministic"]},
-                    f"step {iter_num}: val loss {val:.4f}")
+        knobs = {k: model_args[k] for k in ("z_samples", "z_deterministic", "moe_top_k")}
+        record = run_eval({"eval_only": True, **knobs})
         if ddp:
             dist.destroy_process_group()
-        return val
+        return record
 
     tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     flops_tok, peak = flops_per_token(raw_model), peak_flops(device)
@@ -356,11 +459,9 @@ def main(argv=None):
             group["lr"] = lr
 
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            val = evaluate(raw_model, val_loader, cfg.eval_iters, ctx, ddp, device)
+            val = run_eval({"lr": lr})["val_loss"]
             if not math.isfinite(val):
                 raise SystemExit(f"step {iter_num}: validation loss is {val}; stopping, {ckpt_path} kept as it was")
-            logger.log({"step": iter_num, "val_loss": val, "lr": lr},
-                       f"step {iter_num}: val loss {val:.4f}")
             if iter_num > 0 and (val < best_val or cfg.always_save_checkpoint):
                 best_val = min(best_val, val)
                 rngs = rng_states(device, ddp)  # collective: every rank takes part

@@ -1,0 +1,458 @@
+"""
+The infinite-MoE FFN as Triton kernels, forward and backward, plus a benchmark (`python kernel.py`).
+
+    M = (1/K) sum_k mask_k,  mask_k = where(m_k >= thr_k, m_k, 0),  m_k = z_k W_z^T   (router math, fp32)
+    y = (GELU(x W1^T + b1) * M) W2^T + b2
+
+thr_k[n] is the n_keep-th largest entry of row n of m_k, n_keep = max(1, round(top_frac * d_ff)).
+Because the mask multiplies the activation, the K samples cost ONE pass through W1 and W2.
+
+Pipeline (N tokens, width d, hidden F = d_ff, K samples):
+  forward
+    1. select  For each sample and chunk of rows, the fp32 scores go to a small scratch buffer (at most
+               SCRATCH_ELEMS floats, reused: never the K x N x F scores) by the same torch matmul the
+               reference uses. `_select_kernel` finds each row's n_keep-th largest score by a binary
+               search on the float bits and stores the keep decisions as bits: K*N*F/8 bytes.
+    2. up      `_up_kernel`: the x W1^T GEMM with everything else in its epilogue: + b1, GELU, and
+               M rebuilt in registers from the keep bits and the kept values (recomputed from z and W_z,
+               a d_z-deep dot per sample). Writes pre = x W1^T + b1 and a = GELU(pre) * M. M never
+               reaches memory. The neuron counts and the number of non-zero M entries come out too.
+    3. down    y = a W2^T + b2 by cuBLAS: a plain GEMM, nothing to fuse.
+  backward
+    4. `_down_bwd_kernel`: g = dy W2 with the epilogue rebuilding h and M: dpre = g * M * GELU'(pre)
+               and dM = g * h. Then dx, dW1, dW2 and the biases are plain GEMMs/sums (cuBLAS).
+    5. `_dz_kernel`, `_dwz_kernel`: dz_k = dm_k W_z and dW_z = sum_k dm_k^T z_k, where dm_k = dM/K on
+               the entries sample k kept (0 elsewhere) is formed tile by tile from dM and the bits.
+
+Why it is exact. A neuron's keep decision is taken once, in the select kernel, by comparing scores
+with a threshold found in those very scores; later kernels read the decision from the bits and only
+recompute the *value* of a kept score. So no recomputation can change which neurons are kept (a
+threshold recomputed in a different summation order could drop the n_keep-th neuron). The scores
+used for the decision are torch's fp32 product, as in the reference.
+
+Tie rule. The search returns exactly the n_keep-th largest score and every score >= it is kept, so
+exact ties at the threshold are all kept (more than n_keep neurons), as `m >= thr` in the reference.
+-0.0 and +0.0 are equal floats, so -0.0 is turned into +0.0 before the search.
+
+Memory kept for backward: pre and a (N x F each, in x's dtype: the two tensors a dense FFN keeps,
+its pre-activation and its activation) and the keep bits (K/16 of one bf16 N x F tensor), plus the
+inputs. Not the scores, not M, not h (GELU is recomputed from pre).
+
+Precision: fp32 inputs use full-fp32 dots ("ieee", no TF32) and match the reference tightly; bf16
+inputs use bf16 GEMMs with fp32 accumulation and TF32 for the d_z-deep score values (errors of the
+order of bf16 rounding; the keep decisions are unaffected).
+"""
+import os
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SCRATCH_ELEMS = 1 << 24  # fp32 scores held at once by the selection (64 MB)
+_I32_MIN = tl.constexpr(-2**31)
+_F32_DOTS = tl.constexpr(INTERPRET)  # the Triton 3.9 interpreter mis-computes bf16 tl.dot: upcast there
+
+
+# ----------------------------------------------------------------------------- selection
+@triton.jit
+def _select_kernel(s_ptr, bits_ptr, n_rows, F, NB, n_keep, ROWS: tl.constexpr, BLOCK_F: tl.constexpr):
+    # One program holds ROWS whole rows of scores in registers.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_F)
+    r64 = rows.to(tl.int64)[:, None]
+    inb = (rows[:, None] < n_rows) & (cols[None, :] < F)
+    s = tl.load(s_ptr + r64 * F + cols[None, :], mask=inb, other=0.0)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0 (they are equal as floats)
+    # Integer key with the same order as the floats: negative floats get their magnitude bits flipped.
+    b = s.to(tl.int32, bitcast=True)
+    key = tl.where(inb, b ^ ((b >> 31) & 0x7FFFFFFF), _I32_MIN)
+    # t = the n_keep-th largest key = the largest t with count(key >= t) >= n_keep. Decide the sign,
+    # then set bits 30..0 greedily from the top (31 counting passes over registers, no sorting).
+    n_pos = tl.sum((key >= 0).to(tl.int32), axis=1)
+    t = tl.where(n_pos >= n_keep, 0, _I32_MIN)
+    for i in range(31):
+        cand = t + (1 << (30 - i))
+        cnt = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
+        t = tl.where(cnt >= n_keep, cand, t)
+    keep = (key >= t[:, None]) & inb  # the tie rule: everything >= the n_keep-th largest
+    # Pack 8 neighbouring columns per byte: bit j of byte c is column 8c + j.
+    k8 = tl.reshape(keep.to(tl.int32), (ROWS, BLOCK_F // 8, 8))
+    byte = tl.sum(k8 << tl.arange(0, 8)[None, None, :], axis=2)
+    bc = tl.arange(0, BLOCK_F // 8)
+    tl.store(bits_ptr + r64 * NB + bc[None, :], byte.to(tl.uint8),
+             mask=(rows[:, None] < n_rows) & (bc[None, :] < NB))
+
+
+# ----------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _kept(bits_ptr, rows, c0, N, NB, k, BM: tl.constexpr, BN: tl.constexpr):
+    # Keep decisions of sample k for rows x columns [c0, c0 + BN), c0 a multiple of 8: load the
+    # BN/8 bytes of each row and spread their bits (a 2D gather of single bits would cost a pointer each).
+    bc = c0 // 8 + tl.arange(0, BN // 8)
+    byte = tl.load(bits_ptr + (k * N + rows).to(tl.int64)[:, None] * NB + bc[None, :],
+                   mask=(rows[:, None] < N) & (bc[None, :] < NB), other=0)
+    bit = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bit, (BM, BN)) != 0
+
+
+@triton.jit
+def _mask_tile(z_ptr, wz_ptr, bits_ptr, rows, c0, N, F, DZ, NB, K,
+               BM: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr, ZPREC: tl.constexpr):
+    # M for a tile: the kept score values (recomputed, z_k W_z^T over d_z) averaged over the K samples.
+    # Also returns how many (token, sample) pairs of the tile kept each column (the neuron counts).
+    # Rows/columns past the end read wrapped, valid addresses (fewer registers than 2D masks): their
+    # keep bits are 0, so they contribute nothing.
+    cols = c0 + tl.arange(0, BN)
+    M = tl.zeros((BM, BN), tl.float32)
+    n_sel = tl.zeros((BN,), tl.int32)
+    for k in range(K):
+        s = tl.zeros((BM, BN), tl.float32)
+        for z0 in range(0, DZ, BZ):
+            zc = z0 + tl.arange(0, BZ)
+            zt = tl.load(z_ptr + (k * N + rows % N).to(tl.int64)[:, None] * DZ + zc[None, :], mask=zc[None, :] < DZ, other=0.0)
+            wzt = tl.load(wz_ptr + (cols % F)[None, :] * DZ + zc[:, None], mask=zc[:, None] < DZ, other=0.0)
+            s = tl.dot(zt, wzt, s, input_precision=ZPREC)
+        keep = _kept(bits_ptr, rows, c0, N, NB, k, BM, BN)
+        M += tl.where(keep, s, 0.0)
+        n_sel += tl.sum(keep.to(tl.int32), axis=0)
+    return M / K, n_sel
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, rows, cols, N, D, F, sbk, sbn,
+               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # A[rows, :] @ B[:, cols] for A (N, D) row-major and B (D, F) with strides (sbk, sbn), fp32 result.
+    # Out-of-range rows/columns read wrapped addresses: those results are never stored.
+    acc = tl.zeros((BM, BN), tl.float32)
+    a_rows = (rows % N).to(tl.int64)[:, None] * D
+    b_cols = (cols % F)[None, :] * sbn
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        at = tl.load(a_ptr + a_rows + kk[None, :], mask=kk[None, :] < D, other=0.0)
+        bt = tl.load(b_ptr + b_cols + kk[:, None] * sbk, mask=kk[:, None] < D, other=0.0)
+        if _F32_DOTS:
+            at, bt = at.to(tl.float32), bt.to(tl.float32)
+        acc = tl.dot(at, bt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _gelu(u):
+    # exact (erf) GELU and its derivative
+    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    return u * cdf, cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+
+
+@triton.jit
+def _tile(N, F, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    # First row and column of this program's output tile. Programs are ordered in groups of GROUP_M
+    # row-blocks that sweep the columns together, so a weight tile is reused from L2.
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(N, BM), tl.cdiv(F, BN)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    return pid_m * BM, pid_n * BN
+
+
+# ----------------------------------------------------------------------------- the two fused GEMMs
+def _gemm_configs():
+    if INTERPRET:  # one small tile: the CPU tests stay fast and exercise the edge handling
+        return [triton.Config(dict(BM=16, BN=16, BK=16, BZ=16, GROUP_M=2), num_warps=1)]
+    # H100: tiles whose epilogue (M in registers next to the GEMM result) compiles without spills
+    return [triton.Config(dict(BM=bm, BN=bn, BK=64, BZ=16, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]]
+
+
+@triton.autotune(_gemm_configs(), key=["N", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"])
+@triton.jit
+def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, counts_ptr, nact_ptr,
+               N, D, F, DZ, K, NB, HAS_B1: tl.constexpr, PREC: tl.constexpr, ZPREC: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BZ: tl.constexpr, GROUP_M: tl.constexpr):
+    r0, c0 = _tile(N, F, BM, BN, GROUP_M)
+    rows, cols = r0 + tl.arange(0, BM), c0 + tl.arange(0, BN)
+    acc = _gemm_tile(x_ptr, w1_ptr, rows, cols, N, D, F, 1, D, PREC, BM, BN, BK)  # x W1^T; W1 is (F, D)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + cols, mask=cols < F, other=0.0).to(tl.float32)[None, :]
+    # Round pre to the storage dtype before GELU: backward recomputes GELU from the stored copy.
+    pre = acc.to(pre_ptr.dtype.element_ty)
+    out = (rows[:, None] < N) & (cols[None, :] < F)
+    offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+    tl.store(pre_ptr + offs, pre, mask=out)
+    M, n_sel = _mask_tile(z_ptr, wz_ptr, bits_ptr, rows, c0, N, F, DZ, NB, K, BM, BN, BZ, ZPREC)
+    h, _ = _gelu(pre.to(tl.float32))  # after M: fewer live registers during the score dots
+    tl.store(a_ptr + offs, (h * M).to(a_ptr.dtype.element_ty), mask=out)
+    # statistics: one atomic per column and one per tile (out-of-range entries are 0 already)
+    tl.atomic_add(counts_ptr + cols, n_sel, mask=cols < F)
+    tl.atomic_add(nact_ptr, tl.sum(tl.sum((M != 0.0).to(tl.int32), axis=1), axis=0))
+
+
+@triton.autotune(_gemm_configs(), key=["N", "D", "F", "K"])
+@triton.jit
+def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr, dm_ptr,
+                     N, D, F, DZ, K, NB, PREC: tl.constexpr, ZPREC: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BZ: tl.constexpr, GROUP_M: tl.constexpr):
+    r0, c0 = _tile(N, F, BM, BN, GROUP_M)
+    rows, cols = r0 + tl.arange(0, BM), c0 + tl.arange(0, BN)
+    g = _gemm_tile(dy_ptr, w2_ptr, rows, cols, N, D, F, F, 1, PREC, BM, BN, BK)  # dL/da = dy W2
+    M, _ = _mask_tile(z_ptr, wz_ptr, bits_ptr, rows, c0, N, F, DZ, NB, K, BM, BN, BZ, ZPREC)
+    out = (rows[:, None] < N) & (cols[None, :] < F)
+    offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+    h, dh = _gelu(tl.load(pre_ptr + offs, mask=out, other=0.0).to(tl.float32))
+    tl.store(dpre_ptr + offs, (g * M * dh).to(dpre_ptr.dtype.element_ty), mask=out)
+    tl.store(dm_ptr + offs, (g * h).to(dm_ptr.dtype.element_ty), mask=out)
+
+
+# ----------------------------------------------------------------------------- router gradients
+@triton.jit
+def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, ZPREC: tl.constexpr,
+               BM: tl.constexpr, BF: tl.constexpr, BLOCK_Z: tl.constexpr):
+    # dz_k[rows] = sum over neurons of dm_k[rows, f] W_z[f]; one program = BM tokens of one sample
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k = tl.program_id(1)
+    zc = tl.arange(0, BLOCK_Z)
+    acc = tl.zeros((BM, BLOCK_Z), tl.float32)
+    for f0 in range(0, F, BF):
+        cols = f0 + tl.arange(0, BF)
+        dm = tl.load(dm_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :],
+                     mask=(rows[:, None] < N) & (cols[None, :] < F), other=0.0).to(tl.float32)
+        dm = tl.where(_kept(bits_ptr, rows, f0, N, NB, k, BM, BF), dm, 0.0)
+        wz = tl.load(wz_ptr + cols[:, None] * DZ + zc[None, :], mask=(cols[:, None] < F) & (zc[None, :] < DZ), other=0.0)
+        acc = tl.dot(dm, wz, acc, input_precision=ZPREC)
+    tl.store(dz_ptr + (k * N + rows[:, None]).to(tl.int64) * DZ + zc[None, :], acc / K,
+             mask=(rows[:, None] < N) & (zc[None, :] < DZ))
+
+
+@triton.jit
+def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, SPLIT, ZPREC: tl.constexpr,
+                BM: tl.constexpr, BF: tl.constexpr, BLOCK_Z: tl.constexpr):
+    # dW_z[cols] = sum_k sum_n dm_k[n, cols]^T z_k[n]. One program = BF neurons and every SPLIT-th
+    # block of tokens; the SPLIT partial sums meet in an atomic add (F/BF programs alone are too few).
+    c0 = tl.program_id(0) * BF
+    cols, zc = c0 + tl.arange(0, BF), tl.arange(0, BLOCK_Z)
+    acc = tl.zeros((BF, BLOCK_Z), tl.float32)
+    for k in range(K):
+        for n0 in range(tl.program_id(1) * BM, N, BM * SPLIT):
+            rows = n0 + tl.arange(0, BM)
+            dm = tl.load(dm_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :],
+                         mask=(rows[:, None] < N) & (cols[None, :] < F), other=0.0).to(tl.float32)
+            dm = tl.where(_kept(bits_ptr, rows, c0, N, NB, k, BM, BF), dm, 0.0)
+            zt = tl.load(z_ptr + (k * N + rows[:, None]).to(tl.int64) * DZ + zc[None, :],
+                         mask=(rows[:, None] < N) & (zc[None, :] < DZ), other=0.0)
+            acc = tl.dot(tl.trans(dm), zt, acc, input_precision=ZPREC)
+    tl.atomic_add(dwz_ptr + cols[:, None] * DZ + zc[None, :], acc / K, mask=(cols[:, None] < F) & (zc[None, :] < DZ))
+
+
+# ----------------------------------------------------------------------------- autograd wrapper
+def _select(z, W_z, n_keep):
+    """Keep bits (K, N, ceil(F/8)) uint8 of the per-row top-n_keep of z_k W_z^T (tie rule: >=)."""
+    K, N, _ = z.shape
+    Fh = W_z.shape[0]
+    NB = triton.cdiv(Fh, 8)
+    bits = torch.empty(K, N, NB, dtype=torch.uint8, device=z.device)
+    chunk = max(1, min(N, SCRATCH_ELEMS // Fh))
+    scratch = torch.empty(chunk, Fh, dtype=torch.float32, device=z.device)
+    BLOCK_F = max(8, triton.next_power_of_2(Fh))
+    ROWS = 16 if INTERPRET else max(1, min(4, 4096 // BLOCK_F))
+    for k in range(K):
+        for r0 in range(0, N, chunk):
+            n = min(chunk, N - r0)
+            torch.matmul(z[k, r0:r0 + n], W_z.t(), out=scratch[:n])  # the reference's own product
+            _select_kernel[(triton.cdiv(n, ROWS),)](scratch, bits[k, r0:], n, Fh, NB, n_keep,
+                                                     ROWS=ROWS, BLOCK_F=BLOCK_F, num_warps=8)
+    return bits
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class InfFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W1, b1, W2, b2, W_z, z, top_frac):
+        N, D, Fh, K = x.shape[0], x.shape[1], W1.shape[0], z.shape[0]
+        x, W1, W2 = x.contiguous(), W1.to(x.dtype).contiguous(), W2.to(x.dtype).contiguous()
+        b1, b2 = (None if b is None else b.to(x.dtype) for b in (b1, b2))  # autograd casts grads back
+        zf, wzf = z.float().contiguous(), W_z.float().contiguous()
+        n_keep = max(1, int(round(top_frac * Fh)))
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: no TF32 anywhere; bf16: only for d_z dots
+        with torch.autocast(x.device.type, enabled=False):
+            bits = _select(zf, wzf, n_keep)
+            pre, a = torch.empty(N, Fh, dtype=x.dtype, device=x.device), torch.empty(N, Fh, dtype=x.dtype, device=x.device)
+            counts = torch.zeros(Fh, dtype=torch.int32, device=x.device)
+            nact = torch.zeros(1, dtype=torch.int32, device=x.device)
+            grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
+            _up_kernel[grid](x, W1, b1 if b1 is not None else x, zf, wzf, bits, pre, a, counts, nact,
+                             N, D, Fh, zf.shape[2], K, bits.shape[2], HAS_B1=b1 is not None, PREC=prec, ZPREC=prec)
+            y = F.linear(a, W2, b2)
+        ctx.save_for_backward(x, W1, W2, wzf, zf, pre, a, bits)
+        ctx.meta = (prec, b1 is not None, b2 is not None)
+        counts, n_active = counts.float(), nact[0].float()
+        ctx.mark_non_differentiable(counts, n_active)
+        return y, counts, n_active
+
+    @staticmethod
+    def backward(ctx, dy, _dcounts, _dnact):
+        x, W1, W2, wzf, zf, pre, a, bits = ctx.saved_tensors
+        prec, has_b1, has_b2 = ctx.meta
+        need = ctx.needs_input_grad
+        (N, D), Fh, (K, _, DZ), NB = x.shape, W1.shape[0], zf.shape, bits.shape[2]
+        dy = dy.to(x.dtype).contiguous()
+        dx = dW1 = db1 = dW2 = db2 = dwz = dz = None
+        with torch.autocast(x.device.type, enabled=False):
+            dpre, dM = torch.empty_like(pre), torch.empty_like(pre)
+            grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
+            _down_bwd_kernel[grid](dy, W2, pre, zf, wzf, bits, dpre, dM, N, D, Fh, DZ, K, NB, PREC=prec, ZPREC=prec)
+            BM, BF, nw = (16, 16, 1) if INTERPRET else (64, 64, 8)  # spill-free on H100
+            BLOCK_Z = max(16, triton.next_power_of_2(DZ))
+            if need[6]:
+                dz = torch.empty_like(zf)
+                _dz_kernel[(triton.cdiv(N, BM), K)](dM, bits, wzf, dz, N, Fh, DZ, K, NB, ZPREC=prec,
+                                                    BM=BM, BF=BF, BLOCK_Z=BLOCK_Z, num_warps=nw)
+            if need[5]:
+                dwz = torch.zeros_like(wzf)
+                n_f = triton.cdiv(Fh, BF)
+                split = 1 if INTERPRET else max(1, min(triton.cdiv(N, BM), 4 * _num_sms(x.device) // n_f))
+                _dwz_kernel[(n_f, split)](dM, bits, zf, dwz, N, Fh, DZ, K, NB, split, ZPREC=prec,
+                                          BM=BM, BF=BF, BLOCK_Z=BLOCK_Z, num_warps=nw)
+            if need[0]:
+                dx = dpre @ W1
+            if need[1]:
+                dW1 = dpre.t() @ x
+            if need[2] and has_b1:
+                db1 = dpre.sum(0)
+            if need[3]:
+                dW2 = dy.t() @ a
+            if need[4] and has_b2:
+                db2 = dy.sum(0)
+        return dx, dW1, db1, dW2, db2, dwz, dz, None
+
+
+def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """Fused infinite-MoE FFN. x (N, d), W1 (d_ff, d), b1 (d_ff,) or None, W2 (d, d_ff), b2 (d,) or None,
+    W_z (d_ff, d_z), z (K, N, d_z), top_frac in (0, 1]. Returns (y (N, d) in x's dtype,
+    counts (d_ff,) float32 = selections per neuron, n_active float32 = non-zeros of M)."""
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("kernel.inf_ffn runs Triton kernels, which need CUDA tensors. For CPU tensors set "
+                           "TRITON_INTERPRET=1 in the environment before importing kernel (slow; for tests), "
+                           "or use use_kernel='off' (the PyTorch reference path).")
+    assert x.dim() == 2 and z.dim() == 3 and z.shape[1] == x.shape[0], "x is (N, d), z is (K, N, d_z)"
+    assert 0.0 < top_frac <= 1.0, "top_frac must be in (0, 1]"
+    return InfFFN.apply(x, W1, b1, W2, b2, W_z, z, top_frac)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def _dense_ffn(x, W1, b1, W2, b2):
+    return F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2)
+
+
+def _measure(fn, args, dy, reps):
+    """Median forward ms, forward+backward ms, and peak extra memory (MiB) of a forward+backward."""
+    leaves = [t for t in args if torch.is_tensor(t) and t.requires_grad]
+    out = lambda: (lambda r: r[0] if isinstance(r, tuple) else r)(fn(*args))
+    with torch.no_grad():
+        fwd = triton.testing.do_bench(out, rep=reps, return_mode="median")
+    both = triton.testing.do_bench(lambda: out().backward(dy), rep=reps, grad_to_none=leaves, return_mode="median")
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out().backward(dy)
+    torch.cuda.synchronize()
+    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN: PyTorch reference vs "
+                                "Triton kernel vs dense FFNs (GPT-2 Small shape by default, bf16).")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--d_ff", type=int, default=6144)
+    p.add_argument("--d_z", type=int, default=128)
+    p.add_argument("--rates", default="5,10,25,50,100", help="activation rates in percent")
+    p.add_argument("--ks", default="1,2,4", help="numbers of samples K")
+    p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
+    p.add_argument("--plot", default="kernel_bench.png", help="PNG written when matplotlib is installed")
+    args = p.parse_args()
+    if INTERPRET or not torch.cuda.is_available():
+        print("kernel.py benchmark: needs a CUDA GPU and TRITON_INTERPRET unset; nothing to measure here.")
+        return
+    from model import inf_ffn_reference
+
+    rates = [25] if args.quick else [int(r) for r in args.rates.split(",")]
+    ks = [2] if args.quick else [int(k) for k in args.ks.split(",")]
+    reps = 50 if args.quick else 200
+    N, d, d_ff, d_z, bf16 = args.tokens, args.d, args.d_ff, args.d_z, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaf = lambda *s, std=0.02, dt=bf16: (torch.randn(*s, device="cuda", generator=gen) * std).to(dt).requires_grad_()
+    x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device="cuda", generator=gen).to(bf16)
+    ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
+    W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
+    print(f"{torch.cuda.get_device_name()}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} bf16 "
+          f"(router matmul TF32: {torch.backends.cuda.matmul.allow_tf32})")
+
+    # correctness at the full shape, K=2, r=25%: kernel and bf16 reference, both against an fp32 reference
+    z = leaf(2, N, d_z, std=1.0, dt=torch.float32)
+    res = {}
+    for name, fn, dt in (("kernel", inf_ffn, bf16), ("reference", inf_ffn_reference, bf16),
+                         ("fp32", inf_ffn_reference, torch.float32)):
+        ins = [t.detach().to(dt if t.dtype == bf16 else t.dtype).requires_grad_() for t in (x, *ffn, W_z, z)]
+        y = fn(*ins, 0.25)[0]
+        y.backward(dy.to(dt))
+        res[name] = [y.detach()] + [t.grad for t in ins]
+    names = ["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    print(f"{'relative error (K=2, r=25%)':<28s}" + " ".join(f"{n:>8s}" for n in names))
+    for a, b in (("kernel", "reference"), ("kernel", "fp32"), ("reference", "fp32")):
+        print(f"{a + ' vs ' + b:<28s}" + " ".join(f"{rel(u, v):8.1e}" for u, v in zip(res[a], res[b])))
+    del res, z
+
+    dense = {}
+    for width in (d_ff, 4 * d):
+        w = ffn if width == d_ff else [leaf(width, d), leaf(width), leaf(d, width), leaf(d)]
+        dense[width] = _measure(_dense_ffn, (x, *w), dy, reps)
+        print(f"dense FFN width {width:5d}: fwd {dense[width][0]:6.3f} ms  fwd+bwd {dense[width][1]:6.3f} ms  "
+              f"peak {dense[width][2]:7.0f} MiB")
+    t = {}
+    print(" K    r% |  fwd ms: ref  triton | fwd+bwd ms: ref  triton  speed-up | peak MiB: ref  triton")
+    for K in ks:
+        z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
+        for r in rates:
+            for name, fn in (("reference", inf_ffn_reference), ("kernel", inf_ffn)):
+                t[name, K, r] = _measure(fn, (x, *ffn, W_z, z, r / 100), dy, reps)
+            a, b = t["reference", K, r], t["kernel", K, r]
+            print(f"{K:2d} {r:5d} | {a[0]:9.3f} {b[0]:7.3f} | {a[1]:15.3f} {b[1]:7.3f} {a[1] / b[1]:8.2f}x "
+                  f"| {a[2]:13.0f} {b[2]:7.0f}")
+    if ("kernel", 2, 25) in t:
+        a, b = t["reference", 2, 25], t["kernel", 2, 25]
+        print(f"K=2, r=25%: fwd+bwd {a[1] / b[1]:.2f}x faster than the reference (target >= 2), "
+              f"{b[1] / dense[d_ff][1]:.2f}x the dense width-d_ff FFN (target <= 1.3), "
+              f"peak memory {b[2] / a[2]:.2f} of the reference's (target <= 0.33)")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, j, title in zip(axes, (0, 1), ("forward", "forward + backward")):
+        for i, K in enumerate(ks):
+            ax.plot(rates, [t["reference", K, r][j] for r in rates], "--o", color=f"C{i}", label=f"PyTorch reference K={K}")
+            ax.plot(rates, [t["kernel", K, r][j] for r in rates], "-s", color=f"C{i}", label=f"Triton kernel K={K}")
+        for width, ls in ((d_ff, ":"), (4 * d, "-.")):
+            ax.axhline(dense[width][j], color="gray", ls=ls, label=f"dense FFN width {width}")
+        ax.set(xlabel="activation rate r (%)", ylabel="latency (ms)", title=f"{title}, {N} tokens, d={d}, d_ff={d_ff}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
