@@ -332,6 +332,7 @@ class InfFFN(torch.autograd.Function):
         return dx, dW1, db1, dW2, db2, dwz, dz, None
 
 
+@torch.compiler.disable  # torch.compile treats the kernel as one opaque call (its graph breaks here)
 def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     """Fused infinite-MoE FFN. x (N, d), W1 (d_ff, d), b1 (d_ff,) or None, W2 (d, d_ff), b2 (d,) or None,
     W_z (d_ff, d_z), z (K, N, d_z), top_frac in (0, 1]. Returns (y (N, d) in x's dtype,

@@ -971,3 +971,20 @@ def test_model_training_step_with_kernel_matches_pytorch_path():
     assert abs(losses[0] - losses[1]) < 1e-5
     for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--max_iters=2", "--eval_interval=2"))
+    forward, calls = GPT.forward, [0]
+
+    def poisoned(self, idx, targets=None):  # the 4th training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets)
+        calls[0] += self.training
+        return logits, (loss * float("nan") if calls[0] == 4 and self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(SystemExit, match="training loss is nan"):
+        train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # written at step 4, before the NaN at step 6
+    assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

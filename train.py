@@ -37,8 +37,8 @@ class TrainConfig:
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
     hellaswag_limit: int = 0          # 0: all 10,042 examples; else the first N (a quick look)
     hellaswag_path: str = HELLASWAG_PATH
-    eval_interval: int = 100
-    eval_iters: int = 20              # validation batches; always the same val tokens
+    eval_interval: int = 50
+    eval_iters: int = 10              # validation batches; always the same val tokens
     log_interval: int = 10
     always_save_checkpoint: bool = True
     seed: int = 1337
@@ -48,8 +48,8 @@ class TrainConfig:
     # AdamW with linear warm-up and cosine decay to min_lr
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
-    max_iters: int = 300
-    warmup_iters: int = 30
+    max_iters: int = 200
+    warmup_iters: int = 20
     lr_decay_iters: int = 0           # 0: decay until max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
