@@ -137,7 +137,6 @@ class TopKMoE(nn.Module):
         if self.config.ffn == "top2":
             top_p = top_p / top_p.sum(-1, keepdim=True)     # top2: renormalised; switch: the raw p_e
 
-
         # group the N*k (token, slot) assignments by expert
         flat_e = top_e.flatten()
         order = flat_e.argsort(stable=True)
@@ -398,12 +397,14 @@ if __name__ == "__main__":
                 row += [f"{n / 1e6:.1f}M" for n in GPT(GPTConfig(ffn=ffn, n_layer=L, n_head=H, n_embd=d)).num_params()]
         print(f"| {ffn} | " + " | ".join(row) + " |")
 
-    def measure(name, layer, N=4096):
-        """Run in a forked child so its peak RSS is this layer's alone (fresh high-water mark)."""
+    def measure(name, make_layer, N=4096):
+        """Run in a forked child so its peak RSS is this layer's alone (fresh high-water mark). The parent
+        does no tensor math before forking: an OpenMP pool started there would hang the child."""
         if os.fork():
             os.wait()
             return
         torch.manual_seed(0)
+        layer = make_layer()
         params = {p.data_ptr() for p in layer.parameters()}
         x = torch.randn(N, layer.W1.in_features)
         saved = []
@@ -417,5 +418,5 @@ if __name__ == "__main__":
         os._exit(0)
 
     print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward | peak RSS growth fwd+bwd |\n|---|---|---|---|")
-    measure("dense FFN, d_ff = 4d", DenseFFN(GPTConfig(ffn="dense")))
-    measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", InfMoE(GPTConfig(ffn="inf")))
+    measure("dense FFN, d_ff = 4d", lambda: DenseFFN(GPTConfig(ffn="dense")))
+    measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", lambda: InfMoE(GPTConfig(ffn="inf")))
