@@ -596,6 +596,10 @@ def test_bad_options_are_named(shards, tmp_path):
         train.main(["--compile=maybe"])
     with pytest.raises(ValueError, match="ffn='moe'"):
         train.main(["--ffn=moe"])
+    with pytest.raises(ValueError, match="--preset=gpt3"):
+        train.main(["--preset=gpt3"])
+    with pytest.raises(ValueError, match="needs --dtype=bfloat16"):
+        train.main([f"--data_dir={shards}", "--ffn=top2", "--compile", "--device=cpu", "--dtype=float32"])
     res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True, text=True,
                          cwd=Path(__file__).parent)
     assert res.returncode != 0 and "unknown option --learning_rat" in res.stderr
