@@ -168,10 +168,11 @@ def _gemm_configs():
             for bm, bn, w, s in [(128, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]]
 
 
-@triton.autotune(_gemm_configs(), key=["N", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"])
+# Tuned per power-of-two bucket of N (N_BUCKET), not per N: generation and HellaSwag change N at every call.
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"])
 @triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, counts_ptr, nact_ptr,
-               N, D, F, DZ, K, NB, HAS_B1: tl.constexpr, PREC: tl.constexpr, ZPREC: tl.constexpr,
+               N, D, F, DZ, K, NB, N_BUCKET, HAS_B1: tl.constexpr, PREC: tl.constexpr, ZPREC: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BZ: tl.constexpr, GROUP_M: tl.constexpr):
     r0, c0 = _tile(N, F, BM, BN, GROUP_M)
     rows, cols = r0 + tl.arange(0, BM), c0 + tl.arange(0, BN)
@@ -191,10 +192,10 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, c
     tl.atomic_add(nact_ptr, tl.sum(tl.sum((M != 0.0).to(tl.int32), axis=1), axis=0))
 
 
-@triton.autotune(_gemm_configs(), key=["N", "D", "F", "K"])
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"])
 @triton.jit
 def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr, dm_ptr,
-                     N, D, F, DZ, K, NB, PREC: tl.constexpr, ZPREC: tl.constexpr,
+                     N, D, F, DZ, K, NB, N_BUCKET, PREC: tl.constexpr, ZPREC: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BZ: tl.constexpr, GROUP_M: tl.constexpr):
     r0, c0 = _tile(N, F, BM, BN, GROUP_M)
     rows, cols = r0 + tl.arange(0, BM), c0 + tl.arange(0, BN)
@@ -287,7 +288,8 @@ class InfFFN(torch.autograd.Function):
             nact = torch.zeros(1, dtype=torch.int32, device=x.device)
             grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
             _up_kernel[grid](x, W1, b1 if b1 is not None else x, zf, wzf, bits, pre, a, counts, nact,
-                             N, D, Fh, zf.shape[2], K, bits.shape[2], HAS_B1=b1 is not None, PREC=prec, ZPREC=prec)
+                             N, D, Fh, zf.shape[2], K, bits.shape[2], triton.next_power_of_2(N),
+                             HAS_B1=b1 is not None, PREC=prec, ZPREC=prec)
             y = F.linear(a, W2, b2)
         ctx.save_for_backward(x, W1, W2, wzf, zf, pre, a, bits)
         ctx.meta = (prec, b1 is not None, b2 is not None)
@@ -306,7 +308,8 @@ class InfFFN(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dpre, dM = torch.empty_like(pre), torch.empty_like(pre)
             grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
-            _down_bwd_kernel[grid](dy, W2, pre, zf, wzf, bits, dpre, dM, N, D, Fh, DZ, K, NB, PREC=prec, ZPREC=prec)
+            _down_bwd_kernel[grid](dy, W2, pre, zf, wzf, bits, dpre, dM, N, D, Fh, DZ, K, NB,
+                                   triton.next_power_of_2(N), PREC=prec, ZPREC=prec)
             BM, BF, nw = (16, 16, 1) if INTERPRET else (64, 64, 8)  # spill-free on H100
             BLOCK_Z = max(16, triton.next_power_of_2(DZ))
             if need[6]:
