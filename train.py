@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from model import GPT, GPTConfig
 from tqdm import tqdm
 
+from model import GPT, GPTConfig
 from prepare_fineweb import EOT, HELLASWAG_PATH, get_tokenizer, load_hellaswag, load_shard, shard_paths
 
 
@@ -157,13 +156,15 @@ class ShardLoader:
             raise ValueError(f"{self.files[shard]}: {len(self.tokens)} tokens is too few for "
                              f"{self.world} x {self.B} x {self.T} tokens per step; lower batch_size or block_size")
 
-    def next_batch(self):
+    def next_batch(self, device="cpu"):
         B, T = self.B, self.T
         start = self.offset + self.rank * B * T
         buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))
         self.offset += self.world * B * T
         if self.offset + self.world * B * T + 1 > len(self.tokens):  # next window would not fit: next shard
             self.reset((self.shard + 1) % len(self.files), 0)
+        if torch.device(device).type == "cuda":  # pinned memory: the copy overlaps the GPU's work
+            buf = buf.pin_memory().to(device, non_blocking=True)
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
     def state(self):
@@ -216,7 +217,7 @@ def evaluate(model, loader, eval_iters, ctx, ddp, device):
         loader.reset()
         losses = torch.zeros(eval_iters // loader.world, device=device)
         for k in range(len(losses)):
-            x, y = (t.to(device) for t in loader.next_batch())
+            x, y = loader.next_batch(device)
             with ctx:
                 logits, _ = model(x, y)
             losses[k] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -454,7 +455,7 @@ def main(argv=None):
     tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     flops_tok, peak = flops_per_token(raw_model), peak_flops(device)
     data_state = train_loader.state()  # a checkpoint resumes at the batch read next
-    x, y = (t.to(device) for t in train_loader.next_batch())
+    x, y = train_loader.next_batch(device)
     t0 = time.time()
     while True:
         lr = get_lr(iter_num, cfg)
@@ -487,7 +488,7 @@ def main(argv=None):
                 loss = loss / grad_accum
             if micro == grad_accum - 1:
                 data_state = train_loader.state()
-            x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
+            x, y = train_loader.next_batch(device)
             loss.backward()
             loss_sum += loss.detach()
             if raw_model.aux_loss is not None:
