@@ -228,6 +228,9 @@ class InfMoE(nn.Module):
             logvar = self.LOGVAR_BOUND * torch.tanh(raw / self.LOGVAR_BOUND)  # smooth bound on log sigma^2
             sigma = torch.exp(0.5 * logvar)
             if eps is not None:
+                if eps.dim() < 2 or eps.shape[1:] != (*shape[:-1], mu.shape[-1]):
+                    raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (K, {', '.join(map(str, shape[:-1]))}, "
+                                     f"{mu.shape[-1]}) for x of shape {tuple(shape)}")
                 eps = eps.reshape(eps.shape[0], -1, eps.shape[-1]).float()
             elif self.config.z_deterministic:
                 eps = torch.zeros(1, *mu.shape, device=x.device)      # z = mu

@@ -159,9 +159,11 @@ def test_deterministic_mode_and_k_at_inference():
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
-    torch.testing.assert_close(y, layer(x, eps=torch.randn(4, 12, 8)))  # K = 4 draws of noise
+    torch.testing.assert_close(y, layer(x, eps=torch.randn(4, 2, 6, 8)))  # K = 4 draws of noise
     with pytest.raises(ValueError, match="z_samples"):
         model.set_sampling(z_samples=0)
+    with pytest.raises(ValueError, match=r"expected \(K, 2, 6, 8\)"):
+        layer(x, eps=torch.randn(2, 12, 8))  # right size, wrong shape
 
 
 def test_logvar_is_bounded():
