@@ -384,9 +384,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if cfg.compile and dtype == "float32" and model_args["ffn"] in ("switch", "top2"):
-        raise ValueError(f"--compile with --ffn={model_args['ffn']} needs --dtype=bfloat16: "
-                         f"torch.compile traces grouped_mm for bf16 only")
+    if dtype == "float32" and model_args["ffn"] in ("switch", "top2") and (cfg.compile or device.type == "cuda"):
+        raise ValueError(f"--ffn={model_args['ffn']} with --compile or on CUDA needs --dtype=bfloat16: "
+                         f"grouped_mm takes bf16 there (float32 works eagerly on the CPU)")
     if cfg.gradient_accumulation_steps % world:  # it counts micro-batches of all processes together
         raise ValueError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                          f"the {world} processes")
