@@ -18,9 +18,12 @@ import torch.nn.functional as F
 
 import kernel
 import prepare_fineweb
+import sample
+import train
 from model import GPT, GPTConfig, InfMoE, averaged_topk_mask, inf_ffn_reference
-from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard, main,
+from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard,
                              shard_paths, write_shard)
+from train import collate, hellaswag_eval, render_example, score_endings
 
 FFNS = ["dense", "switch", "top2", "inf"]
 
@@ -383,7 +386,7 @@ def test_round_trip_real_text(tmp_path, monkeypatch):
     docs = real_docs()
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # many small tasks (> the in-flight window): order must hold
-    paths = main(["--input", str(src), "--out_dir", str(tmp_path / "a"), "--prefix", "t", "--shard_size", "1000", "--workers", "2"])
+    paths = prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "a"), "--prefix", "t", "--shard_size", "1000", "--workers", "2"])
     assert len(paths) > 3 and Path(paths[0]).name == "t_val_000000.bin" and Path(paths[-1]).name == f"t_train_{len(paths) - 1:06d}.bin"
     check_shards(tmp_path / "a", "t", 1000, docs)
     assert shard_paths(tmp_path / "a", "val") == [paths[0]] and shard_paths(tmp_path / "a", "train") == paths[1:]
@@ -408,7 +411,7 @@ def test_local_formats(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps([{"text": "json one"}, {"text": "json two"}]), encoding="utf-8")
     write_jsonl(tmp_path / "c.jsonl", ["jsonl one", "jsonl two"])
     docs = ["First line.\n\nSecond paragraph.\n", "json one", "json two", "jsonl one", "jsonl two"]
-    main(["--input"] + [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jsonl")]
+    prepare_fineweb.main(["--input"] + [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jsonl")]
          + ["--out_dir", str(tmp_path / "out"), "--prefix", "f", "--shard_size", "5", "--workers", "2"])
     check_shards(tmp_path / "out", "f", 5, docs)
 
@@ -416,7 +419,7 @@ def test_resume(tmp_path):
     docs = real_docs()
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     argv = ["--input", str(src), "--out_dir", str(tmp_path / "r"), "--prefix", "r", "--shard_size", "1500", "--workers", "2"]
-    paths = main(argv)
+    paths = prepare_fineweb.main(argv)
     assert len(paths) >= 5
     original = [Path(p).read_bytes() for p in paths]
     # simulate an interrupted run and damage: shard 3 half-written (only a .tmp), shard 2 truncated,
@@ -428,7 +431,7 @@ def test_resume(tmp_path):
     os.remove(paths[-1])
     untouched = [0] + list(range(4, len(paths) - 1))
     stats = {i: (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) for i in untouched}
-    assert main(argv) == paths
+    assert prepare_fineweb.main(argv) == paths
     for i in untouched:  # complete, identical shards are not rewritten
         assert (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) == stats[i]
     assert [Path(p).read_bytes() for p in paths] == original
@@ -437,7 +440,7 @@ def test_resume(tmp_path):
 
 def run_main_error(argv):
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        prepare_fineweb.main(argv)
     return str(e.value)
 
 def test_bad_input(tmp_path):
@@ -482,7 +485,7 @@ def test_parquet(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     docs = ["parquet one", "parquet two", "three"]
     pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), tmp_path / "d.parquet")
-    main(["--input", str(tmp_path / "d.parquet"), "--out_dir", str(tmp_path / "out"), "--shard_size", "4", "--workers", "1"])
+    prepare_fineweb.main(["--input", str(tmp_path / "d.parquet"), "--out_dir", str(tmp_path / "out"), "--shard_size", "4", "--workers", "1"])
     check_shards(tmp_path / "out", "d", 4, docs)
     pq.write_table(pa.table({"body": docs}), tmp_path / "nocol.parquet")
     msg = run_main_error(["--input", str(tmp_path / "nocol.parquet"), "--out_dir", str(tmp_path / "out2")])
@@ -497,15 +500,13 @@ def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
         return iter([{"text": "row one", "id": "a"}, {"text": "row two", "id": "b"}])
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.chdir(tmp_path)
-    main(["--dataset", "fineweb-edu", "--subset", "sample-100BT", "--shard_size", "3", "--workers", "2"])
+    prepare_fineweb.main(["--dataset", "fineweb-edu", "--subset", "sample-100BT", "--shard_size", "3", "--workers", "2"])
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
     check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
 
 
 # ----------------------------------------------------------------------------- training (train.py, sample.py)
 
-import sample  # noqa: E402
-import train  # noqa: E402
 
 
 def write_llmc_shard(path, tokens):
@@ -640,7 +641,6 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
 
 # ----------------------------------------------------------------------------- HellaSwag
 
-from train import collate, hellaswag_eval, render_example, score_endings  # noqa: E402
 
 V = 50257
 
