@@ -69,8 +69,17 @@ class GPTConfig:
 
     @property
     def n_keep(self):
-        """Hidden units one ∞-MoE sample keeps: round(r * d_ff)."""
-        return max(1, int(round(self.top_frac * self.d_ff)))
+        return keep_count(self.top_frac, self.d_ff)
+
+
+def keep_count(top_frac, d_ff):
+    """Hidden units one ∞-MoE sample keeps: round(r * d_ff), at least one."""
+    return max(1, int(round(top_frac * d_ff)))
+
+
+def compute_dtype(x):
+    """The dtype matmuls on x run in: autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 # ----------------------------------------------------------------------------- attention
@@ -145,7 +154,7 @@ class TopKMoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         e_sorted = flat_e[order]
 
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         xs = x[token].to(dt)
         h = F.grouped_mm(xs, self.W1.to(dt), offs=offs)
         if self.b1 is not None:
@@ -174,7 +183,7 @@ def averaged_topk_mask(z, W_z, top_frac):
     Returns M (N, d_ff) and counts (d_ff,): how many of the N*K samples selected each unit.
     """
     K, d_ff = z.shape[0], W_z.shape[0]
-    n_keep = max(1, int(round(top_frac * d_ff)))
+    n_keep = keep_count(top_frac, d_ff)
     M, counts = 0.0, 0.0
     for k in range(K):
         m = z[k] @ W_z.t()                                     # m_k = W_z z_k   (N, d_ff)
@@ -241,7 +250,7 @@ class InfMoE(nn.Module):
         ffn = inf_ffn_reference
         if self.use_kernel(x):
             from kernel import inf_ffn as ffn
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = compute_dtype(x)
         W1, W2 = self.W1, self.W2
         b1 = None if W1.bias is None else W1.bias.to(dt)
         b2 = None if W2.bias is None else W2.bias.to(dt)

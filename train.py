@@ -429,10 +429,11 @@ def main(argv=None):
 
     logger = Logger(cfg, master, {**dataclasses.asdict(cfg), **model_args})
     total, active = raw_model.num_params()
+    tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     if master:
         print(f"{model_args['ffn']} GPT: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
               f"{world} process(es) on {device}, {dtype}, "
-              f"{cfg.batch_size * raw_model.config.block_size * grad_accum * world:,} tokens per step")
+              f"{tokens_per_iter:,} tokens per step")
 
     def run_eval(extra):
         record = {"step": iter_num, "val_loss": evaluate(raw_model, val_loader, cfg.eval_iters, ctx, ddp, device),
@@ -452,7 +453,6 @@ def main(argv=None):
             dist.destroy_process_group()
         return record
 
-    tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     flops_tok, peak = flops_per_token(raw_model), peak_flops(device)
     data_state = train_loader.state()  # a checkpoint resumes at the batch read next
     x, y = train_loader.next_batch(device)
