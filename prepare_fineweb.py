@@ -23,6 +23,7 @@ import json
 import glob
 import argparse
 import functools
+import itertools
 import collections
 import multiprocessing as mp
 import urllib.request
@@ -218,10 +219,15 @@ def read_file_docs(path):
     else:
         raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json, .parquet or .txt)")
 
-def local_docs(paths):
+def local_source(paths):
+    """What a manifest records of local inputs: a rerun with any file changed is another dataset."""
     for path in paths:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise DataError(f"{path}: no such readable file")
+    return {"inputs": [{"path": path, "bytes": os.stat(path).st_size, "mtime_ns": os.stat(path).st_mtime_ns}
+                       for path in paths]}
+
+def local_docs(paths):
     for path in paths:
         n = 0
         try:
@@ -266,58 +272,119 @@ def tokenized(pool, docs, window):
     while pending:
         yield pending.popleft().get()
 
-def save(path, tokens):
-    """Write a shard unless an identical one is already there. Returns True if written."""
-    # Resume rule: a rerun re-tokenises from the start (deterministic) and skips WRITING a shard
-    # whose file already holds exactly these tokens. This is correct for every shard, including
-    # a short final one, and whatever the earlier run's settings were; a damaged or different
-    # file (or a leftover .tmp, which is never read) is simply rewritten.
-    if os.path.exists(path):
-        try:
-            if np.array_equal(load_shard(path), tokens):
-                return False
-        except ValueError:
-            pass
-    write_shard(path, tokens)
-    return True
+def write_manifest(out_dir, settings, shards, complete):
+    """manifest.json: what the dataset is made from, its finished shards, and whether that is all."""
+    path = os.path.join(out_dir, MANIFEST)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"complete": complete, "settings": settings, "shards": shards}, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
-def prepare(docs, out_dir, prefix, shard_size, workers):
-    """Tokenise an iterable of documents into shards in out_dir; returns the shard paths."""
+def intact(out_dir, shards):
+    """The leading manifest entries whose shard files are still whole (header, size, token count)."""
+    good = []
+    for s in shards:
+        try:
+            if len(load_shard(os.path.join(out_dir, s["name"]))) != s["tokens"]:
+                break
+        except (OSError, ValueError):
+            break
+        good.append(s)
+    return good
+
+def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=None):
+    """Tokenise an iterable of documents into shards in out_dir; returns the shard paths.
+
+    The first val_tokens tokens (default: one shard) are the val shard, the rest train shards of
+    shard_size tokens. An input that ends before its first train shard fills is split 10% / 90%
+    instead (val at most val_tokens), so a small text still gets a train shard.
+    manifest.json records `source` (what `docs` is read from), the settings and each shard as it
+    is finished; complete=true only after the last one. A rerun with the same source and settings
+    does nothing if the dataset is complete; otherwise it keeps the finished shards that are still
+    whole, skips their documents (read, not tokenised) and writes the rest.
+    """
     from tqdm import tqdm
+    val_tokens = val_tokens or shard_size
+    settings = {"source": source, "prefix": prefix, "shard_size": shard_size, "val_tokens": val_tokens,
+                "tokenizer": "gpt2"}
     os.makedirs(out_dir, exist_ok=True)
-    buf = np.empty(shard_size, dtype=np.uint16)  # memory is one shard, whatever the corpus size
-    paths, n, total, written = [], 0, 0, 0
+    where = os.path.join(out_dir, MANIFEST)
+    old = read_manifest(out_dir)
+    shards = []  # manifest entries, one per finished shard (see flush)
+    if old is not None and old.get("settings") == settings:
+        shards = intact(out_dir, old["shards"])
+        if old["complete"] and len(shards) == len(old["shards"]):
+            print(f"{out_dir}: already complete ({where}: {len(shards)} shards from the same inputs "
+                  f"and settings); nothing to do")
+            return [os.path.join(out_dir, s["name"]) for s in shards]
+    elif old is not None and old["complete"]:
+        differ = [k for k in settings if (old.get("settings") or {}).get(k) != settings[k]]
+        raise DataError(f"{where}: {out_dir} holds a complete dataset made with another {', '.join(differ)}; "
+                        f"delete {out_dir} or choose another --out_dir")
+    elif old is not None:
+        print(f"{where}: an unfinished run with other inputs or settings; starting over")
+    for s in (old or {"shards": []})["shards"][len(shards):]:  # unfinished work, redone below
+        if os.path.exists(os.path.join(out_dir, s["name"])):
+            os.remove(os.path.join(out_dir, s["name"]))
+    write_manifest(out_dir, settings, shards, complete=False)
+    kept = len(shards)
 
     def flush(tokens):
-        nonlocal written
-        split = "val" if not paths else "train"
-        paths.append(os.path.join(out_dir, f"{prefix}_{split}_{len(paths):06d}.bin"))
-        written += save(paths[-1], tokens)
+        """Write the next shard, then list it in the manifest with where its last document stands:
+        `docs` documents begun so far, `tail` tokens of the last of them written (it may go on)."""
+        docs_begun, tail = (shards[-1]["docs"], shards[-1]["tail"]) if shards else (0, 0)
+        starts = np.flatnonzero(tokens == EOT)  # every document, and only a document, begins with EOT
+        tail = len(tokens) - starts[-1] if len(starts) else tail + len(tokens)
+        name = f"{prefix}_{'train' if shards else 'val'}_{len(shards):06d}.bin"
+        write_shard(os.path.join(out_dir, name), tokens)
+        shards.append({"name": name, "tokens": len(tokens), "docs": docs_begun + len(starts), "tail": int(tail)})
+        write_manifest(out_dir, settings, shards, complete=False)
 
+    drop = 0  # tokens at the start of the stream that a kept shard already holds
+    if shards:
+        skip, drop = shards[-1]["docs"] - 1, shards[-1]["tail"]
+        print(f"resuming: {kept} finished shards kept; their {skip:,} whole documents are skipped "
+              f"(read, not tokenised)")
+        docs = itertools.islice(docs, skip, None)
+    buf = np.empty(max(val_tokens, shard_size), dtype=np.uint16)  # memory: one shard, whatever the corpus
+    n = 0
     get_tokenizer()  # load before the Pool forks, so workers inherit it instead of each parsing the BPE files
     with mp.Pool(workers) as pool, tqdm(unit="tok", unit_scale=True, desc=prefix) as bar:
         for tokens in tokenized(pool, docs, window=4 * workers):
+            cut = min(drop, len(tokens))
+            tokens, drop = tokens[cut:], drop - cut
             bar.update(len(tokens))
-            total += len(tokens)
             while len(tokens):
-                take = min(shard_size - n, len(tokens))
+                want = shard_size if shards else val_tokens
+                take = min(want - n, len(tokens))
                 buf[n:n + take] = tokens[:take]
                 n, tokens = n + take, tokens[take:]
-                if n == shard_size:
-                    flush(buf)
+                if n == want:
+                    flush(buf[:n])
                     n = 0
-    if n:
+    if len(shards) <= 1:  # no train shard yet: the input was small; split all of it 10% / 90%
+        tokens = np.concatenate([load_shard(os.path.join(out_dir, s["name"])) for s in shards] + [buf[:n]])
+        nval = min(val_tokens, max(1, len(tokens) // 10))
+        if len(tokens) <= nval:
+            raise DataError(f"the input has {len(tokens)} tokens: too few to split into validation and training")
+        if nval < val_tokens:
+            print(f"note: a small input ({len(tokens):,} tokens): {nval:,} go to validation, the rest to training")
+        shards.clear()
+        flush(tokens[:nval])
+        for i in range(nval, len(tokens), shard_size):
+            flush(tokens[i:i + shard_size])
+        kept = 0
+    elif n:
         flush(buf[:n])
-    if not paths:
-        raise DataError("no documents in the input")
-    print(f"{total:,} tokens in {len(paths)} shards in {out_dir} "
-          f"({written} written, {len(paths) - written} already there and identical)")
-    if len(paths) == 1:
-        print(f"warning: all {total:,} tokens went to the validation shard; pass a smaller --shard_size")
-    stale = sorted(set(glob.glob(os.path.join(out_dir, f"{prefix}_train_*.bin"))) - set(paths))
+    write_manifest(out_dir, settings, shards, complete=True)
+    paths = [os.path.join(out_dir, s["name"]) for s in shards]
+    print(f"{sum(s['tokens'] for s in shards):,} tokens in {len(shards)} shards in {out_dir} ({kept} kept "
+          f"from an earlier run, {len(shards) - kept} written); {where} marks the dataset complete")
+    stale = sorted(set(glob.glob(os.path.join(out_dir, "*_train_*.bin")) + glob.glob(os.path.join(out_dir, "*_val_*.bin")))
+                   - set(paths))
     if stale:
-        print(f"warning: {len(stale)} shards in {out_dir} are left from an earlier, different run; "
-              f"delete them before training: {' '.join(stale)}")
+        print(f"warning: {len(stale)} shards in {out_dir} are not part of this dataset and train.py "
+              f"refuses the directory while they are there; move them out: {' '.join(stale)}")
     return paths
 
 # -----------------------------------------------------------------------------
@@ -372,6 +439,8 @@ def main(argv=None):
     p.add_argument("--out_dir", help="default: data/fineweb10B (FineWeb sample-10BT) or data/<prefix> (local files)")
     p.add_argument("--prefix", help="shard name prefix; default: fineweb, or the first input file's name stem")
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
+    p.add_argument("--val_tokens", type=int, help="tokens in the val shard (default: --shard_size; "
+                   "an input too small for it plus one train shard gets 10%%)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="tokeniser processes")
     p.add_argument("--hellaswag", action="store_true", help="download HellaSwag val to data/hellaswag/ and exit")
     args = p.parse_args(argv)
@@ -380,20 +449,24 @@ def main(argv=None):
             return print(download_hellaswag())
         except DataError as e:
             raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
-    if args.shard_size < 1:
-        p.error("--shard_size must be positive")
+    for name in ("shard_size", "val_tokens"):  # the header stores a shard's length as an int32
+        if getattr(args, name) is not None and not 1 <= getattr(args, name) < 2**31:
+            p.error(f"--{name} must be between 1 and {2**31 - 1}, not {getattr(args, name)}")
     workers = max(1, min(args.workers, os.cpu_count() or 1))
-    if args.input:
-        prefix = args.prefix or os.path.splitext(os.path.basename(args.input[0]))[0]
-        out_dir = args.out_dir or os.path.join("data", prefix)
-        docs = local_docs(args.input)
-    else:
-        prefix = args.prefix or "fineweb"
-        tag = args.subset[len("sample-"):].rstrip("T") if args.subset.startswith("sample-") else "_" + args.subset
-        out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # e.g. data/fineweb-edu100B
-        docs = hf_docs(args.dataset, args.subset)
     try:
-        return prepare(docs, out_dir, prefix, args.shard_size, workers)
+        if args.input:
+            prefix = args.prefix or os.path.splitext(os.path.basename(args.input[0]))[0]
+            out_dir = args.out_dir or os.path.join("data", prefix)
+            docs, source = local_docs(args.input), local_source(args.input)
+        else:
+            prefix = args.prefix or "fineweb"
+            tag = args.subset[len("sample-"):].rstrip("T") if args.subset.startswith("sample-") else "_" + args.subset
+            out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # e.g. data/fineweb-edu100B
+            docs, source = hf_docs(args.dataset, args.subset), {"dataset": DATASETS[args.dataset], "subset": args.subset}
+        # train.py finds shards by *_train_* / *_val_*: a prefix containing those would be read twice
+        if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
+            raise DataError(f"--prefix {prefix!r}: use a plain name without '/', '_train' or '_val'")
+        return prepare(docs, out_dir, prefix, args.shard_size, workers, args.val_tokens, source)
     except DataError as e:
         raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
 

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
@@ -327,13 +329,11 @@ def test_param_counts_match_formula(ffn, size):
 # ----------------------------------------------------------------------------- data (prepare_fineweb.py)
 
 REPO = Path(__file__).resolve().parent
-TEXTS = REPO.parent / "shared" / "data" / "public_domain_texts.jsonl"
+TEXTS = REPO / "data" / "fixture_texts.jsonl"  # 4 documents of the bundled sample's public-domain text
 SHORT_DOCS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint"]  # 2K-14K characters each
 
 def real_docs():
     """A few real documents, in file order, plus edge cases a tokenizer pipeline could get wrong."""
-    if not TEXTS.exists():
-        pytest.skip(f"sample text not found at {TEXTS}")
     docs = [r["text"] for r in map(json.loads, TEXTS.open(encoding="utf-8")) if r["id"] in SHORT_DOCS]
     assert len(docs) == len(SHORT_DOCS)
     # many short documents too (the stanzas of one poem), so tokenising takes many parallel tasks;
@@ -351,12 +351,14 @@ def read_shard_independently(path):
     assert os.path.getsize(path) == 256 * 4 + 2 * int(header[2])
     return np.fromfile(path, dtype=np.uint16, offset=256 * 4)
 
-def check_shards(out_dir, prefix, shard_size, docs):
-    names = sorted(p.name for p in Path(out_dir).iterdir())
+def check_shards(out_dir, prefix, shard_size, docs, val_size=None):
+    names = sorted(p.name for p in Path(out_dir).iterdir() if p.name != "manifest.json")
     expected_names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, len(names))]
     assert names == sorted(expected_names)  # no .tmp files left either
     shards = [read_shard_independently(Path(out_dir) / n) for n in expected_names]
-    assert all(len(s) == shard_size for s in shards[:-1]) and 0 < len(shards[-1]) <= shard_size
+    assert len(shards[0]) == (val_size or shard_size)
+    assert all(len(s) == shard_size for s in shards[1:-1]) and 0 < len(shards[-1]) <= shard_size
+    check_manifest(out_dir, expected_names, shards)
     tokens = np.concatenate(shards)
     enc = get_tokenizer()
     expected = np.concatenate([[EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
@@ -367,6 +369,17 @@ def check_shards(out_dir, prefix, shard_size, docs):
     assert len(starts) == len(docs)
     ends = list(starts[1:]) + [len(tokens)]
     assert [enc.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)] == docs
+
+def check_manifest(out_dir, names, shards):
+    """manifest.json marks the dataset complete and lists each shard, its size and where its last
+    document stands (documents begun so far = EOTs so far; tokens of the last one since its EOT)."""
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert [(s["name"], s["tokens"]) for s in manifest["shards"]] == [(n, len(t)) for n, t in zip(names, shards)]
+    tokens = np.concatenate(shards)
+    for s, end in zip(manifest["shards"], np.cumsum([len(t) for t in shards])):
+        eots = np.flatnonzero(tokens[:end] == EOT)
+        assert (s["docs"], s["tail"]) == (len(eots), end - eots[-1])
 
 def test_tokenizer_known_ids_offline(tmp_path):
     assert get_tokenizer() is get_tokenizer()  # cached
@@ -415,27 +428,30 @@ def test_local_formats(tmp_path):
          + ["--out_dir", str(tmp_path / "out"), "--prefix", "f", "--shard_size", "5", "--workers", "2"])
     check_shards(tmp_path / "out", "f", 5, docs)
 
-def test_resume(tmp_path):
+def test_resume(tmp_path, capsys):
     docs = real_docs()
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     argv = ["--input", str(src), "--out_dir", str(tmp_path / "r"), "--prefix", "r", "--shard_size", "1500", "--workers", "2"]
     paths = prepare_fineweb.main(argv)
     assert len(paths) >= 5
-    original = [Path(p).read_bytes() for p in paths]
-    # simulate an interrupted run and damage: shard 3 half-written (only a .tmp), shard 2 truncated,
-    # shard 1 valid but with different tokens, the last shard missing
-    os.remove(paths[3])
-    Path(paths[3] + ".tmp").write_bytes(original[3][:700])
-    Path(paths[2]).write_bytes(original[2][:-10])
-    Path(paths[1]).write_bytes(original[1][:1030] + bytes([original[1][1030] ^ 1]) + original[1][1031:])
-    os.remove(paths[-1])
-    untouched = [0] + list(range(4, len(paths) - 1))
-    stats = {i: (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) for i in untouched}
+    files = sorted((tmp_path / "r").iterdir())
+    original = {f: f.read_bytes() for f in files}
+    stat = lambda f: (os.stat(f).st_mtime_ns, os.stat(f).st_ino)
+    before = {f: stat(f) for f in files}
+    # a rerun of a complete dataset, same inputs and settings: says so, writes nothing
+    capsys.readouterr()
     assert prepare_fineweb.main(argv) == paths
-    for i in untouched:  # complete, identical shards are not rewritten
-        assert (os.stat(paths[i]).st_mtime_ns, os.stat(paths[i]).st_ino) == stats[i]
-    assert [Path(p).read_bytes() for p in paths] == original
-    assert not list((tmp_path / "r").glob("*.tmp"))
+    assert "already complete" in capsys.readouterr().out
+    assert {f: stat(f) for f in files} == before
+    # damage after the fact: shard 2 truncated, the last shard gone (and a stray .tmp):
+    # shards 0 and 1 are kept untouched, the rest written again, identical to the first run
+    Path(paths[2]).write_bytes(original[Path(paths[2])][:-10])
+    Path(paths[3] + ".tmp").write_bytes(b"half a shard")
+    os.remove(paths[-1])
+    assert prepare_fineweb.main(argv) == paths
+    assert "resuming: 2 finished shards kept" in capsys.readouterr().out
+    assert all(stat(paths[i]) == before[Path(paths[i])] for i in (0, 1))
+    assert {f: f.read_bytes() for f in sorted((tmp_path / "r").iterdir()) if f.suffix != ".tmp"} == original
     check_shards(tmp_path / "r", "r", 1500, docs)
 
 def run_main_error(argv):
@@ -482,7 +498,6 @@ def test_bad_shards(tmp_path):
     assert "nothing" in str(e.value) and "val" in str(e.value) and "prepare_fineweb.py" in str(e.value)
 
 def test_parquet(tmp_path):
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     docs = ["parquet one", "parquet two", "three"]
     pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), tmp_path / "d.parquet")
     prepare_fineweb.main(["--input", str(tmp_path / "d.parquet"), "--out_dir", str(tmp_path / "out"), "--shard_size", "4", "--workers", "1"])
