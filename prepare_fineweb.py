@@ -174,31 +174,45 @@ def check_dataset(data_dir, vocab_size):
 # -----------------------------------------------------------------------------
 # document sources: each yields strings
 
+def utf8(path, data, line=None):
+    """bytes -> str, or a DataError naming the file and the line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line or data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+
 def json_records(path):
     """(where, object) for each object of a .jsonl file, or of a .json list (or jsonl named .json)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         lines = f  # .jsonl: streamed line by line, so any size fits in memory
         if path.lower().endswith(".json"):
-            text = f.read()
+            text = utf8(path, f.read())
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError:
-                lines = text.splitlines()  # not one JSON value: read it as JSON lines
+            except json.JSONDecodeError as e:
+                first = next((line for line in text.splitlines() if line.strip()), "")
+                try:  # JSON lines in a .json file: its first line is a whole JSON value
+                    json.loads(first)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                lines = text.encode().splitlines()
             else:
                 yield from ((f"record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data]))
                 return
         for lineno, line in enumerate(lines, 1):
+            line = utf8(path, line, lineno)
             if line.strip():
                 try:
                     yield f"line {lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e})") from None
+                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
 
 def read_file_docs(path):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = utf8(path, f.read())
         if text:
             yield text
     elif ext in (".jsonl", ".json"):
@@ -244,8 +258,14 @@ def hf_docs(dataset, subset):
         from datasets import load_dataset  # heavy and optional: only the FineWeb path needs it
     except ImportError:
         raise DataError("FineWeb needs the Hugging Face datasets package: pip install datasets") from None
-    for row in load_dataset(DATASETS[dataset], name=subset, split="train", streaming=True):
-        yield row["text"]
+    repo = DATASETS[dataset]
+    try:
+        for row in load_dataset(repo, name=subset, split="train", streaming=True):
+            yield row["text"]
+    except OSError as e:  # ConnectionError, timeouts, HTTP errors: requests' and huggingface_hub's are OSErrors
+        raise DataError(f"cannot stream {repo} ({subset}) from Hugging Face: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())}. Without a network, download its .parquet files "
+                        f"(https://huggingface.co/datasets/{repo}) elsewhere and pass them with --input") from None
 
 def chunks(docs):
     """Group documents into worker tasks of about CHUNK_CHARS characters, in order."""
@@ -411,13 +431,14 @@ def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
 def load_hellaswag(path=HELLASWAG_PATH, limit=None):
     """HellaSwag examples as dicts {ctx, endings (4 strings), label (0-3)}: all, or the first `limit`.
     Never downloads: evaluation runs may have no network, so the file is fetched beforehand."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"no HellaSwag data at {path}; fetch it with `{HELLASWAG_FETCH}`")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
+            line = utf8(path, line, lineno)
             if not line.strip():
                 continue
             try:
@@ -426,9 +447,14 @@ def load_hellaswag(path=HELLASWAG_PATH, limit=None):
                 if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
                         and all(isinstance(e, str) for e in endings) and label in (0, 1, 2, 3)):
                     raise ValueError("expected a string ctx, a list of 4 string endings and a label 0-3")
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{path}, line {lineno}: not a HellaSwag example ({type(e).__name__}: {e})") from None
             examples.append({"ctx": ctx, "endings": endings, "label": int(label)})
+    if not examples and limit != 0:
+        raise DataError(f"{path}: no HellaSwag examples in it (empty file?); fetch it again with "
+                        f"`{HELLASWAG_FETCH}` after deleting it")
     return examples
 
 def main(argv=None):

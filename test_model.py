@@ -1009,3 +1009,248 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
         train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # written at step 4, before the NaN at step 6
     assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---- data: manifest, check_dataset, resume, small inputs, bad input (prepare_fineweb.py)
+
+from prepare_fineweb import check_dataset  # noqa: E402  (kept in this section for a clean merge)
+
+
+def shard_files(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
+
+
+def manifest_of(out_dir):
+    return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+
+def test_check_dataset_accepts_the_bundled_sample():
+    info = check_dataset(str(REPO / "data" / "sample"), 50257)
+    assert info["manifest"] is True and len(info["val"]) == 1 and len(info["train"]) == 7
+    for path, n in info["val"] + info["train"]:
+        tokens = read_shard_independently(path)
+        assert n == len(tokens) and tokens.max() < 50257
+    assert sum(n for _, n in info["val"] + info["train"]) == 1_848_677  # the README's 1.85M tokens
+
+
+@pytest.mark.parametrize("damage, names, message", [
+    ("token_id", "syn_train_000002.bin", "token id 97 is out of range for vocab_size 97"),
+    ("truncated", "syn_train_000002.bin", "truncated"),
+    ("magic", "syn_val_000000.bin", "magic"),
+    ("empty", "syn_train_000001.bin", "0 tokens"),
+    ("incomplete", "manifest.json", "incomplete"),
+    ("unlisted", "syn_train_000003.bin", "not part of the dataset"),
+    ("missing", "syn_train_000002.bin", "listed in"),
+    ("resized", "syn_train_000001.bin", "lists 7000"),
+    ("bad_manifest", "manifest.json", "unreadable manifest"),
+    ("no_train", "", "no train shards"),  # names the directory
+])
+def test_check_dataset_names_the_file(shards, damage, names, message):
+    listing = [("syn_val_000000.bin", 4000), ("syn_train_000001.bin", 7000), ("syn_train_000002.bin", 8993)]
+    info = check_dataset(str(shards), 97)  # the fixture's shards, written by an independent writer
+    assert info == {"train": [(str(shards / n), k) for n, k in listing[1:]],
+                    "val": [(str(shards / listing[0][0]), 4000)], "manifest": False}
+    manifest = {"complete": True, "shards": [{"name": n, "tokens": k} for n, k in listing]}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert check_dataset(str(shards), 97)["manifest"] is True
+    last = shards / "syn_train_000002.bin"
+    if damage == "token_id":
+        write_llmc_shard(last, np.r_[np.zeros(50, int), 97, np.zeros(8942, int)])
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[:-1])
+    elif damage == "magic":
+        path = shards / "syn_val_000000.bin"
+        path.write_bytes(b"\1" + path.read_bytes()[1:])
+    elif damage == "empty":
+        write_llmc_shard(shards / "syn_train_000001.bin", [])
+        manifest["shards"][1]["tokens"] = 0
+    elif damage == "incomplete":
+        manifest["complete"] = False
+    elif damage == "unlisted":
+        write_llmc_shard(shards / "syn_train_000003.bin", [1, 2, 3])
+    elif damage == "missing":
+        last.unlink()
+    elif damage == "resized":
+        write_llmc_shard(shards / "syn_train_000001.bin", np.zeros(6999, int))
+    elif damage == "no_train":
+        for path in shards.glob("*_train_*"):
+            path.unlink()
+    (shards / "manifest.json").write_text("{not json" if damage == "bad_manifest" else json.dumps(manifest))
+    with pytest.raises(DataError, match=message) as e:
+        check_dataset(str(shards), 97)
+    assert str(shards / names) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_last_line_leaves_the_dataset_incomplete(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # small tasks: shards are written before the error
+    docs = real_docs()
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + '{"text": "cut off', encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--input", str(src), "--out_dir", str(out), "--shard_size", "1000", "--workers", "2"]
+    msg = run_main_error(argv)
+    assert msg.count("\n") == 0 and f"{src}, line {len(docs) + 1}: invalid JSON" in msg
+    assert len(list(out.glob("docs_train_*.bin"))) > 3  # finished shards on disk, but...
+    assert manifest_of(out)["complete"] is False
+    with pytest.raises(DataError, match="incomplete"):
+        check_dataset(str(out), 50257)
+    # fixed input: another file (size, mtime), so the unfinished run's shards are redone from the start
+    write_jsonl(src, docs)
+    capsys.readouterr()
+    prepare_fineweb.main(argv)
+    assert "starting over" in capsys.readouterr().out
+    check_shards(out, "docs", 1000, docs)
+    check_dataset(str(out), 50257)
+    # the dataset is complete now: another input or setting never silently replaces it
+    msg = run_main_error(argv[:-4] + ["--shard_size", "2000", "--workers", "2"])
+    assert str(out) in msg and "shard_size" in msg and "delete" in msg
+    write_jsonl(src, docs[:-1])
+    assert "source" in run_main_error(argv)
+    check_shards(out, "docs", 1000, docs)
+
+
+def test_json_and_utf8_errors_name_the_line(tmp_path):
+    out = ["--out_dir", str(tmp_path / "out"), "--workers", "1"]
+    cases = {"list.json": (b'[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n', "line 4: invalid JSON"),
+             "lines.json": (b'{"text": "a"}\n{"text": "b"}\n{"text": \n', "line 3: invalid JSON"),
+             "bytes.jsonl": (b'{"text": "a"}\n{"text": "b\xff"}\n', "line 2: not UTF-8"),
+             "bytes.txt": (b"one\ntwo\n\xc3(\n", "line 3: not UTF-8")}
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        msg = run_main_error(["--input", str(tmp_path / name)] + out)
+        assert f"{tmp_path / name}, {expected}" in msg and "\n" not in msg
+    (tmp_path / "ok.json").write_bytes(b'{"text": "a"}\n{"text": "b"}\n')  # JSON lines named .json still work
+    prepare_fineweb.main(["--input", str(tmp_path / "ok.json"), "--shard_size", "2"] + out)
+    check_shards(tmp_path / "out", "ok", 2, ["a", "b"])
+
+
+def crash_after(monkeypatch, n_shards):
+    """Make the n+1-th shard write die half way, as a kill would: a partial .tmp, no manifest update."""
+    write, calls = prepare_fineweb.write_shard, [0]
+
+    def dying_write(path, tokens):
+        calls[0] += 1
+        if calls[0] > n_shards:
+            Path(path + ".tmp").write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+        write(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", dying_write)
+
+
+def test_killed_run_resumes_to_the_same_shards(tmp_path, monkeypatch, capsys):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    argv = lambda d: ["--input", str(src), "--out_dir", str(tmp_path / d), "--shard_size", "1200", "--workers", "2"]
+    prepare_fineweb.main(argv("whole"))
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_fineweb.main(argv("killed"))
+    assert [s["name"] for s in manifest_of(tmp_path / "killed")["shards"]] == \
+        ["docs_val_000000.bin", "docs_train_000001.bin", "docs_train_000002.bin"]
+    kept = np.concatenate([read_shard_independently(tmp_path / "whole" / f"docs_{s}.bin")
+                           for s in ("val_000000", "train_000001", "train_000002")])
+    capsys.readouterr()
+    prepare_fineweb.main(argv("killed"))
+    skipped = np.count_nonzero(kept == EOT) - 1  # whole documents before the one the 3rd shard ends in
+    assert f"resuming: 3 finished shards kept; their {skipped:,} whole documents are skipped" in capsys.readouterr().out
+    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")  # manifest included
+
+
+def test_hugging_face_resume_skips_finished_documents(tmp_path, monkeypatch):
+    # FineWeb's stand-in streams documents; the resumed run streams different text for the documents
+    # the finished shards hold: the result equals one uninterrupted run only if those are not re-tokenised
+    import types
+    docs = real_docs()
+    stream = [docs]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: iter([{"text": d} for d in stream[0]])))
+    argv = lambda d: ["--out_dir", str(tmp_path / d), "--shard_size", "1200", "--workers", "2"]
+    prepare_fineweb.main(argv("whole"))
+    with monkeypatch.context() as m:
+        crash_after(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_fineweb.main(argv("killed"))
+    skipped = manifest_of(tmp_path / "killed")["shards"][-1]["docs"] - 1
+    assert skipped >= 3
+    stream[0] = ["never tokenised"] * skipped + docs[skipped:]
+    prepare_fineweb.main(argv("killed"))
+    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")
+
+
+def test_hugging_face_offline_is_one_line_and_leaves_no_complete_dataset(tmp_path, monkeypatch):
+    import types
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)")
+
+    def drops_mid_stream(*a, **k):
+        yield from ({"text": f"row {i} " * 50} for i in range(20))
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # small tasks: shards are written before the error
+    out = ["--out_dir", str(tmp_path / "fw"), "--shard_size", "300", "--workers", "1"]
+    for load, error in ((offline, "ConnectionError"), (drops_mid_stream, "TimeoutError")):
+        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
+        msg = run_main_error(out)
+        assert msg.count("\n") == 0 and "HuggingFaceFW/fineweb (sample-10BT)" in msg and error in msg
+        assert "--input" in msg and ".parquet" in msg
+    assert manifest_of(tmp_path / "fw")["complete"] is False and len(manifest_of(tmp_path / "fw")["shards"]) > 2
+
+
+def test_small_input_keeps_most_for_training(tmp_path, capsys):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "mine.jsonl", docs)
+    total = sum(1 + len(get_tokenizer().encode_ordinary(d)) for d in docs)
+    # the README's example on a small file, default --shard_size (100M): 10% val, the rest one train shard
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "mine"), "--workers", "2"])
+    assert f"{total // 10:,} go to validation" in capsys.readouterr().out
+    check_shards(tmp_path / "mine", "mine", 10**8, docs, val_size=total // 10)
+    info = check_dataset(str(tmp_path / "mine"), 50257)
+    assert [n for _, n in info["train"]] == [total - total // 10]
+    # smaller than val + one train shard: the rest after 10% val is cut into shards as usual
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "s"), "--workers", "2",
+                          "--val_tokens", str(total), "--shard_size", str(total // 3)])
+    check_shards(tmp_path / "s", "mine", total // 3, docs, val_size=total // 10)
+    # a big enough input: val is exactly --val_tokens
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "v"), "--workers", "2",
+                          "--val_tokens", "700", "--shard_size", "1000"])
+    check_shards(tmp_path / "v", "mine", 1000, docs, val_size=700)
+    # the README's example then trains: train.py finds train and val shards there
+    train.main([f"--data_dir={tmp_path / 'mine'}", f"--out_dir={tmp_path / 'out'}", "--n_layer=1", "--n_head=2",
+                "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=2", "--eval_iters=1",
+                "--max_iters=1", "--eval_interval=1"])
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+    # one token cannot be split
+    (tmp_path / "one.txt").write_text("")
+    (tmp_path / "one.jsonl").write_text('{"text": ""}\n')
+    msg = run_main_error(["--input", str(tmp_path / "one.jsonl"), "--out_dir", str(tmp_path / "one")])
+    assert "1 tokens" in msg and "too few" in msg
+
+
+def test_bad_options(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text")
+    base = ["--input", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "out")]
+    for flag, value in (("--shard_size", "0"), ("--val_tokens", "-5"), ("--shard_size", str(2**31))):
+        with pytest.raises(SystemExit):
+            prepare_fineweb.main(base + [flag, value])
+        assert flag in capsys.readouterr().err
+    for prefix in ("a_val", "x/y", "my_train_set"):
+        assert "--prefix" in run_main_error(base + ["--prefix", prefix])
+    assert not (tmp_path / "out").exists()  # nothing written for a bad command
+
+
+def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    for content, expected in ((b"", "no HellaSwag examples"), (b"\n\n", "no HellaSwag examples"),
+                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n{"ctx": "b",\n',
+                               "line 2: invalid JSON"),
+                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 9}\n', "line 1: not a HellaSwag"),
+                              (b'\n{"ctx": "\xff"}\n', "line 2: not UTF-8")):
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=expected) as e:
+            load_hellaswag(str(path))
+        assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
+        load_hellaswag(str(tmp_path))  # a directory
