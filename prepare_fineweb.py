@@ -3,8 +3,10 @@ Tokenise text into llm.c-format shards: the one way text becomes training data.
 Sources: FineWeb / FineWeb-Edu streamed from Hugging Face, or local .jsonl /
 .json / .parquet / .txt files (the `text` field; a .txt is one document).
 Each document is <|endoftext|> + its GPT-2 BPE tokens. Shard 0 is validation
-({prefix}_val_000000.bin), then {prefix}_train_000001.bin, ..., each exactly
---shard_size tokens except the last (a document may span two shards).
+({prefix}_val_000000.bin, the first --val_tokens tokens, or 10% of an input too small for that
+plus one train shard), then {prefix}_train_000001.bin, ..., each exactly --shard_size tokens
+except the last (a document may span two shards). manifest.json says whether every shard is
+written; a rerun finishes an interrupted run and does nothing after a complete one.
 
     python prepare_fineweb.py                            # FineWeb sample-10BT -> data/fineweb10B
     python prepare_fineweb.py --dataset=fineweb-edu --subset=sample-100BT
@@ -14,8 +16,10 @@ The bundled data/sample/ was built with exactly this command:
 
     python prepare_fineweb.py --input ../shared/data/public_domain_texts.jsonl --out_dir data/sample --prefix sample --shard_size 250000
 
+(that file, 46 public-domain texts in 6.2 MB, is not shipped; data/fixture_texts.jsonl has 4 of them).
+
 Shard format (llm.c's): 256 int32 header ([0]=20240520 magic, [1]=1 version,
-[2]=number of tokens), then uint16 tokens. train.py uses shard_paths() and
+[2]=number of tokens), then uint16 tokens. train.py uses check_dataset(), shard_paths() and
 load_shard(); sample.py uses get_tokenizer().
 """
 import os
@@ -37,7 +41,7 @@ HEADER_BYTES = HEADER_INTS * 4
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files, so no network is needed
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-MANIFEST = "manifest.json"  # written by prepare(): which shards make the dataset, and whether it is complete
+MANIFEST = "manifest.json"  # written by prepare(): the dataset's shards, and whether that is all of them
 CHUNK_CHARS = 1 << 18  # ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
 
 class DataError(Exception):
@@ -118,9 +122,9 @@ def read_manifest(data_dir):
                 and all(isinstance(s.get("name"), str) and isinstance(s.get("tokens"), int)
                         for s in manifest["shards"])):
             raise ValueError("expected complete (true/false) and shards [{name, tokens}, ...]")
-    except (OSError, ValueError, AttributeError) as e:  # bad JSON is a ValueError; a non-dict, AttributeError
+    except (OSError, ValueError, AttributeError) as e:  # bad JSON: ValueError; not a dict: AttributeError
         raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); "
-                        f"rerun prepare_fineweb.py or delete it") from None
+                        f"delete it and rerun prepare_fineweb.py") from None
     return manifest
 
 def check_dataset(data_dir, vocab_size):
@@ -142,8 +146,8 @@ def check_dataset(data_dir, vocab_size):
     if manifest is not None:
         where = os.path.join(data_dir, MANIFEST)
         if not manifest["complete"]:
-            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or stopped "
-                            f"at an error); fix the error, if any, and rerun the same command to finish it")
+            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or "
+                            f"stopped at an error); fix the error, if any, and rerun the same command")
         listed = {s["name"]: s["tokens"] for s in manifest["shards"]}
         present = {os.path.basename(p) for paths in found.values() for p in paths}
         for name in listed:
@@ -167,7 +171,8 @@ def check_dataset(data_dir, vocab_size):
                 raise DataError(f"{path}: empty shard (0 tokens)")
             top = int(tokens.max())
             if top >= vocab_size:
-                raise DataError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
+                raise DataError(f"{path}: token id {top} is out of range for vocab_size "
+                                f"{vocab_size}")
             out[split].append((path, n))
     return out
 
@@ -195,7 +200,8 @@ def json_records(path):
                 try:  # JSON lines in a .json file: its first line is a whole JSON value
                     json.loads(first)
                 except json.JSONDecodeError:
-                    raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                    raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, "
+                                    f"column {e.colno})") from None
                 lines = text.encode().splitlines()
             else:
                 yield from ((f"record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data]))
@@ -206,7 +212,8 @@ def json_records(path):
                 try:
                     yield f"line {lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, "
+                                    f"column {e.colno})") from None
 
 def read_file_docs(path):
     ext = os.path.splitext(path)[1].lower()
@@ -238,8 +245,9 @@ def local_source(paths):
     for path in paths:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise DataError(f"{path}: no such readable file")
-    return {"inputs": [{"path": path, "bytes": os.stat(path).st_size, "mtime_ns": os.stat(path).st_mtime_ns}
-                       for path in paths]}
+    stats = [os.stat(path) for path in paths]
+    return {"inputs": [{"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+                       for path, st in zip(paths, stats)]}
 
 def local_docs(paths):
     for path in paths:
@@ -262,10 +270,11 @@ def hf_docs(dataset, subset):
     try:
         for row in load_dataset(repo, name=subset, split="train", streaming=True):
             yield row["text"]
-    except OSError as e:  # ConnectionError, timeouts, HTTP errors: requests' and huggingface_hub's are OSErrors
+    except OSError as e:  # ConnectionError, timeouts, HTTP errors (requests' and huggingface_hub's too)
         raise DataError(f"cannot stream {repo} ({subset}) from Hugging Face: {type(e).__name__}: "
                         f"{' '.join(str(e).split())}. Without a network, download its .parquet files "
-                        f"(https://huggingface.co/datasets/{repo}) elsewhere and pass them with --input") from None
+                        f"(https://huggingface.co/datasets/{repo}) elsewhere and pass them with "
+                        f"--input") from None
 
 def chunks(docs):
     """Group documents into worker tasks of about CHUNK_CHARS characters, in order."""
@@ -339,8 +348,8 @@ def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=
             return [os.path.join(out_dir, s["name"]) for s in shards]
     elif old is not None and old["complete"]:
         differ = [k for k in settings if (old.get("settings") or {}).get(k) != settings[k]]
-        raise DataError(f"{where}: {out_dir} holds a complete dataset made with another {', '.join(differ)}; "
-                        f"delete {out_dir} or choose another --out_dir")
+        raise DataError(f"{where}: {out_dir} holds a complete dataset made with another "
+                        f"{', '.join(differ)}; delete {out_dir} or choose another --out_dir")
     elif old is not None:
         print(f"{where}: an unfinished run with other inputs or settings; starting over")
     for s in (old or {"shards": []})["shards"][len(shards):]:  # unfinished work, redone below
@@ -357,7 +366,8 @@ def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=
         tail = len(tokens) - starts[-1] if len(starts) else tail + len(tokens)
         name = f"{prefix}_{'train' if shards else 'val'}_{len(shards):06d}.bin"
         write_shard(os.path.join(out_dir, name), tokens)
-        shards.append({"name": name, "tokens": len(tokens), "docs": docs_begun + len(starts), "tail": int(tail)})
+        shards.append({"name": name, "tokens": len(tokens), "docs": docs_begun + len(starts),
+                       "tail": int(tail)})
         write_manifest(out_dir, settings, shards, complete=False)
 
     drop = 0  # tokens at the start of the stream that a kept shard already holds
@@ -383,12 +393,15 @@ def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=
                     flush(buf[:n])
                     n = 0
     if len(shards) <= 1:  # no train shard yet: the input was small; split all of it 10% / 90%
-        tokens = np.concatenate([load_shard(os.path.join(out_dir, s["name"])) for s in shards] + [buf[:n]])
+        val = [load_shard(os.path.join(out_dir, s["name"])) for s in shards]
+        tokens = np.concatenate(val + [buf[:n]])
         nval = min(val_tokens, max(1, len(tokens) // 10))
         if len(tokens) <= nval:
-            raise DataError(f"the input has {len(tokens)} tokens: too few to split into validation and training")
+            raise DataError(f"the input has {len(tokens)} tokens: too few to split into validation "
+                            f"and training")
         if nval < val_tokens:
-            print(f"note: a small input ({len(tokens):,} tokens): {nval:,} go to validation, the rest to training")
+            print(f"note: a small input ({len(tokens):,} tokens): {nval:,} go to validation, "
+                  f"the rest to training")
         shards.clear()
         flush(tokens[:nval])
         for i in range(nval, len(tokens), shard_size):
@@ -400,8 +413,8 @@ def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=
     paths = [os.path.join(out_dir, s["name"]) for s in shards]
     print(f"{sum(s['tokens'] for s in shards):,} tokens in {len(shards)} shards in {out_dir} ({kept} kept "
           f"from an earlier run, {len(shards) - kept} written); {where} marks the dataset complete")
-    stale = sorted(set(glob.glob(os.path.join(out_dir, "*_train_*.bin")) + glob.glob(os.path.join(out_dir, "*_val_*.bin")))
-                   - set(paths))
+    found = [p for split in ("train", "val") for p in glob.glob(os.path.join(out_dir, f"*_{split}_*.bin"))]
+    stale = sorted(set(found) - set(paths))
     if stale:
         print(f"warning: {len(stale)} shards in {out_dir} are not part of this dataset and train.py "
               f"refuses the directory while they are there; move them out: {' '.join(stale)}")
@@ -488,7 +501,8 @@ def main(argv=None):
             prefix = args.prefix or "fineweb"
             tag = args.subset[len("sample-"):].rstrip("T") if args.subset.startswith("sample-") else "_" + args.subset
             out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # e.g. data/fineweb-edu100B
-            docs, source = hf_docs(args.dataset, args.subset), {"dataset": DATASETS[args.dataset], "subset": args.subset}
+            docs = hf_docs(args.dataset, args.subset)
+            source = {"dataset": DATASETS[args.dataset], "subset": args.subset}
         # train.py finds shards by *_train_* / *_val_*: a prefix containing those would be read twice
         if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
             raise DataError(f"--prefix {prefix!r}: use a plain name without '/', '_train' or '_val'")
