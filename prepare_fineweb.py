@@ -266,7 +266,9 @@ def hf_docs(dataset, subset):
         from datasets import load_dataset  # heavy and optional: only the FineWeb path needs it
     except ImportError:
         raise DataError("FineWeb needs the Hugging Face datasets package: pip install datasets") from None
-    repo = DATASETS[dataset]
+    return hf_rows(load_dataset, DATASETS[dataset], subset)
+
+def hf_rows(load_dataset, repo, subset):
     try:
         for row in load_dataset(repo, name=subset, split="train", streaming=True):
             yield row["text"]
@@ -321,14 +323,14 @@ def intact(out_dir, shards):
         good.append(s)
     return good
 
-def prepare(docs, out_dir, prefix, shard_size, workers, val_tokens=None, source=None):
+def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None):
     """Tokenise an iterable of documents into shards in out_dir; returns the shard paths.
 
     The first val_tokens tokens (default: one shard) are the val shard, the rest train shards of
     shard_size tokens. An input that ends before its first train shard fills is split 10% / 90%
     instead (val at most val_tokens), so a small text still gets a train shard.
-    manifest.json records `source` (what `docs` is read from), the settings and each shard as it
-    is finished; complete=true only after the last one. A rerun with the same source and settings
+    manifest.json records `source` (what `docs` is read from: the same source must give the same
+    documents), the settings and each shard as it is finished; complete=true only after the last one. A rerun with the same source and settings
     does nothing if the dataset is complete; otherwise it keeps the finished shards that are still
     whole, skips their documents (read, not tokenised) and writes the rest.
     """
@@ -506,8 +508,8 @@ def main(argv=None):
         # train.py finds shards by *_train_* / *_val_*: a prefix containing those would be read twice
         if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
             raise DataError(f"--prefix {prefix!r}: use a plain name without '/', '_train' or '_val'")
-        return prepare(docs, out_dir, prefix, args.shard_size, workers, args.val_tokens, source)
-    except DataError as e:
+        return prepare(docs, source, out_dir, prefix, args.shard_size, workers, args.val_tokens)
+    except (DataError, OSError) as e:  # OSError: out_dir not writable, disk full, ... (names the file)
         raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
 
 if __name__ == "__main__":

@@ -1013,7 +1013,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
 
 # ---- data: manifest, check_dataset, resume, small inputs, bad input (prepare_fineweb.py)
 
-from prepare_fineweb import check_dataset  # noqa: E402  (kept in this section for a clean merge)
+check_dataset = prepare_fineweb.check_dataset
 
 
 def shard_files(out_dir):
@@ -1223,13 +1223,12 @@ def test_small_input_keeps_most_for_training(tmp_path, capsys):
                 "--max_iters=1", "--eval_interval=1"])
     assert (tmp_path / "out" / "ckpt.pt").exists()
     # one token cannot be split
-    (tmp_path / "one.txt").write_text("")
     (tmp_path / "one.jsonl").write_text('{"text": ""}\n')
     msg = run_main_error(["--input", str(tmp_path / "one.jsonl"), "--out_dir", str(tmp_path / "one")])
     assert "1 tokens" in msg and "too few" in msg
 
 
-def test_bad_options(tmp_path, capsys):
+def test_prepare_bad_options_write_nothing(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.txt").write_text("some text")
     base = ["--input", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "out")]
     for flag, value in (("--shard_size", "0"), ("--val_tokens", "-5"), ("--shard_size", str(2**31))):
@@ -1239,6 +1238,13 @@ def test_bad_options(tmp_path, capsys):
     for prefix in ("a_val", "x/y", "my_train_set"):
         assert "--prefix" in run_main_error(base + ["--prefix", prefix])
     assert not (tmp_path / "out").exists()  # nothing written for a bad command
+    (tmp_path / "file").write_text("not a directory")
+    msg = run_main_error(base[:2] + ["--out_dir", str(tmp_path / "file")])
+    assert str(tmp_path / "file") in msg and "\n" not in msg
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
+    monkeypatch.chdir(tmp_path)
+    assert "pip install datasets" in run_main_error([])
+    assert not (tmp_path / "data").exists()
 
 
 def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
