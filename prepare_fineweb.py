@@ -330,9 +330,10 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
     shard_size tokens. An input that ends before its first train shard fills is split 10% / 90%
     instead (val at most val_tokens), so a small text still gets a train shard.
     manifest.json records `source` (what `docs` is read from: the same source must give the same
-    documents), the settings and each shard as it is finished; complete=true only after the last one. A rerun with the same source and settings
-    does nothing if the dataset is complete; otherwise it keeps the finished shards that are still
-    whole, skips their documents (read, not tokenised) and writes the rest.
+    documents), the settings and each shard as it is finished; complete=true only after the last
+    one. A rerun with the same source and settings does nothing if the dataset is complete;
+    otherwise it keeps the finished shards that are still whole, skips their documents (read, not
+    tokenised) and writes the rest.
     """
     from tqdm import tqdm
     val_tokens = val_tokens or shard_size
