@@ -41,7 +41,7 @@ HEADER_BYTES = HEADER_INTS * 4
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files, so no network is needed
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-MANIFEST = "manifest.json"  # written by prepare(): the dataset's shards, and whether that is all of them
+MANIFEST = "manifest.json"  # written by prepare(): which shards make the dataset, and whether it is complete
 CHUNK_CHARS = 1 << 18  # ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
 
 class DataError(Exception):
@@ -122,9 +122,9 @@ def read_manifest(data_dir):
                 and all(isinstance(s.get("name"), str) and isinstance(s.get("tokens"), int)
                         for s in manifest["shards"])):
             raise ValueError("expected complete (true/false) and shards [{name, tokens}, ...]")
-    except (OSError, ValueError, AttributeError) as e:  # bad JSON: ValueError; not a dict: AttributeError
+    except (OSError, ValueError, AttributeError) as e:  # bad JSON is a ValueError; a non-dict, AttributeError
         raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); "
-                        f"delete it and rerun prepare_fineweb.py") from None
+                        f"rerun prepare_fineweb.py or delete it") from None
     return manifest
 
 def check_dataset(data_dir, vocab_size):
@@ -146,8 +146,8 @@ def check_dataset(data_dir, vocab_size):
     if manifest is not None:
         where = os.path.join(data_dir, MANIFEST)
         if not manifest["complete"]:
-            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or "
-                            f"stopped at an error); fix the error, if any, and rerun the same command")
+            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or stopped "
+                            f"at an error); fix the error, if any, and rerun the same command to finish it")
         listed = {s["name"]: s["tokens"] for s in manifest["shards"]}
         present = {os.path.basename(p) for paths in found.values() for p in paths}
         for name in listed:
@@ -171,8 +171,7 @@ def check_dataset(data_dir, vocab_size):
                 raise DataError(f"{path}: empty shard (0 tokens)")
             top = int(tokens.max())
             if top >= vocab_size:
-                raise DataError(f"{path}: token id {top} is out of range for vocab_size "
-                                f"{vocab_size}")
+                raise DataError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
             out[split].append((path, n))
     return out
 
