@@ -507,7 +507,8 @@ def main(argv=None):
             source = {"dataset": DATASETS[args.dataset], "subset": args.subset}
         # train.py finds shards by *_train_* / *_val_*: a prefix containing those would be read twice
         if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
-            raise DataError(f"--prefix {prefix!r}: use a plain name without '/', '_train' or '_val'")
+            raise DataError(f"shard prefix {prefix!r} (--prefix, or the first input's name): "
+                            f"pass a --prefix without '/', '_train' or '_val'")
         return prepare(docs, source, out_dir, prefix, args.shard_size, workers, args.val_tokens)
     except (DataError, OSError) as e:  # OSError: out_dir not writable, disk full, ... (names the file)
         raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
