@@ -36,6 +36,7 @@ HEADER_BYTES = HEADER_INTS * 4
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files, so no network is needed
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
+MANIFEST = "manifest.json"  # written by prepare(): which shards make the dataset, and whether it is complete
 CHUNK_CHARS = 1 << 18  # ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
 
 class DataError(Exception):
@@ -103,6 +104,71 @@ def shard_paths(data_dir, split):
                                 f"`python prepare_fineweb.py --input your.jsonl --out_dir {data_dir}` "
                                 f"(or plain `python prepare_fineweb.py` for FineWeb)")
     return paths
+
+def read_manifest(data_dir):
+    """The parsed manifest.json of data_dir, or None if there is none."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not (isinstance(manifest.get("complete"), bool) and isinstance(manifest.get("shards"), list)
+                and all(isinstance(s.get("name"), str) and isinstance(s.get("tokens"), int)
+                        for s in manifest["shards"])):
+            raise ValueError("expected complete (true/false) and shards [{name, tokens}, ...]")
+    except (OSError, ValueError, AttributeError) as e:  # bad JSON is a ValueError; a non-dict, AttributeError
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); "
+                        f"rerun prepare_fineweb.py or delete it") from None
+    return manifest
+
+def check_dataset(data_dir, vocab_size):
+    """Check a shard directory whole before training on it; raises DataError naming the file.
+
+    Every shard: header and size (load_shard), at least one token, every token < vocab_size (one
+    vectorised max per shard, so a bad id is found now, not as an IndexError at step 78). With a
+    manifest (written by prepare()): the dataset is marked complete, and its shards are exactly the
+    *_train_*/*_val_* files present, each of the listed token count. Without one (shards made
+    elsewhere, e.g. by llm.c) the shards are checked alone.
+    Returns {"train": [(path, n_tokens), ...], "val": [...], "manifest": bool}.
+    """
+    try:
+        found = {split: shard_paths(data_dir, split) for split in ("train", "val")}
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    manifest = read_manifest(data_dir)
+    listed = {}
+    if manifest is not None:
+        where = os.path.join(data_dir, MANIFEST)
+        if not manifest["complete"]:
+            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or stopped "
+                            f"at an error); fix the error, if any, and rerun the same command to finish it")
+        listed = {s["name"]: s["tokens"] for s in manifest["shards"]}
+        present = {os.path.basename(p) for paths in found.values() for p in paths}
+        for name in listed:
+            if name not in present:
+                raise DataError(f"{os.path.join(data_dir, name)}: listed in {where} but missing")
+        for name in sorted(present - set(listed)):
+            raise DataError(f"{os.path.join(data_dir, name)}: not part of the dataset in {where} "
+                            f"(left from another run?); move it out of {data_dir}")
+    out = {"train": [], "val": [], "manifest": manifest is not None}
+    for split, paths in found.items():
+        for path in paths:
+            try:
+                tokens = load_shard(path)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            n = len(tokens)
+            expected = listed.get(os.path.basename(path), n)
+            if n != expected:
+                raise DataError(f"{path}: {n} tokens, but {MANIFEST} lists {expected}")
+            if n == 0:
+                raise DataError(f"{path}: empty shard (0 tokens)")
+            top = int(tokens.max())
+            if top >= vocab_size:
+                raise DataError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
+            out[split].append((path, n))
+    return out
 
 # -----------------------------------------------------------------------------
 # document sources: each yields strings
