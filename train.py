@@ -781,7 +781,7 @@ def train(cfg, model_args, ckpt, data_start):
     data_state = train_loader.state()  # a checkpoint resumes at the batch read next
     x, y = train_loader.next_batch(device)
     start_iter = iter_num
-    t_start = t0 = time.time()
+    t_start = t0 = time.perf_counter()
     timed = 0  # steps since t0: tokens/s counts only these (evaluations reset the clock)
 
     def stopping(what, value):
@@ -808,7 +808,7 @@ def train(cfg, model_args, ckpt, data_start):
                         "model_args": model_args, "config": dataclasses.asdict(cfg), "iter_num": iter_num,
                         "best_val_loss": best_val, "data": data_state, "rng": rngs})
                 saved_step = iter_num
-            t0, timed = time.time(), 0
+            t0, timed = time.perf_counter(), 0
         if iter_num >= cfg.max_iters:
             break
 
@@ -838,7 +838,7 @@ def train(cfg, model_args, ckpt, data_start):
             loss_val = reduce_mean(loss_sum, ddp).item() - aux_val  # cross-entropy, comparable across FFNs
             if not math.isfinite(loss_val):
                 raise stopping("training loss", loss_val)
-            now = time.time()
+            now = time.perf_counter()
             dt, t0, timed = (now - t0) / timed, now, 0  # seconds per step, over the steps timed
             elapsed = now - t_start  # this process's, evaluations included: the ETA extrapolates it
             eta = elapsed / (iter_num - start_iter) * (cfg.max_iters - iter_num)
