@@ -856,7 +856,7 @@ def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
                  "--hellaswag_limit=4", "--moe_top_k=1")
     assert record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1 and record["moe_top_k"] == 1
     assert "hellaswag acc" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
+    with pytest.raises(train.UsageError, match="prepare_fineweb.py --hellaswag"):
         run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}")
 
 
@@ -1044,6 +1044,8 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
         (["--eval_only"], "--init_from=resume"),
         ([f"--out_dir={tmp_path / 'a_file'}"], "--out_dir="),
         (["--wandb_log"], "pip install wandb"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'a_file'}"], "a_file: no HellaSwag examples"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}"], "no HellaSwag data at"),
         (["--eval_iters=40"], "--eval_iters=40: the val split"),  # 4000 val tokens hold 31 batches of 4 x 32
         (["--vocab_size=50"], "syn_train_000001.bin: token id"),
         ([f"--data_dir={short}"], "syn_train_000003.bin: 100 tokens"),

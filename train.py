@@ -690,6 +690,12 @@ def main(argv=None):
         raise UsageError(f"--use_kernel=on needs a CUDA device for its Triton kernels, not {device}; "
                          f"use --use_kernel=off (or auto) here")
     data_start = check_data(cfg, model_args, ckpt, world, master)
+    if cfg.hellaswag:  # read it now, so a missing or malformed file is found before training, not after
+        try:
+            if not load_hellaswag(cfg.hellaswag_path, limit=cfg.hellaswag_limit or None):
+                raise DataError(f"{cfg.hellaswag_path}: no HellaSwag examples in it")
+        except (FileNotFoundError, DataError) as e:
+            raise UsageError(f"--hellaswag: {e}") from None
     lock = prepare_out_dir(cfg, ckpt) if master and not cfg.eval_only else None
     try:
         return train(cfg, model_args, ckpt, data_start)
