@@ -5,6 +5,7 @@ Generate text from a checkpoint that train.py wrote.
   python sample.py --start="To be, or not" --num_samples=1 --max_new_tokens=100
   python sample.py --start=FILE:README.md --z_samples=4         # ∞-MoE: K samples of z per token
   python sample.py --z_deterministic                            # ∞-MoE: z = mu, no routing noise
+  python sample.py --help                                       # every option, default, meaning
 """
 import os
 import sys
@@ -15,7 +16,8 @@ import torch
 
 from model import GPT, GPTConfig
 from prepare_fineweb import get_tokenizer
-from train import RANGES, UsageError, at_least, check_dtype, check_ranges, load_checkpoint, parse_args, pick_device, usage
+from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, load_checkpoint, parse_args,
+                   pick_device, usage)
 
 
 @dataclass
@@ -81,7 +83,8 @@ def main(argv=None):
     if not ids:
         raise UsageError("--start is empty: give at least one token of prompt")
     if max(ids) >= model.config.vocab_size:
-        raise UsageError(f"--start has token id {max(ids)}, outside this model's vocab_size {model.config.vocab_size}")
+        raise UsageError(f"--start has token id {max(ids)}, outside this model's vocab_size "
+                         f"{model.config.vocab_size}")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None]
 
     torch.manual_seed(cfg.seed)

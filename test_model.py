@@ -1156,7 +1156,8 @@ def test_resume_takes_the_checkpoints_settings(shards, tmp_path, capsys):
     capsys.readouterr()
     train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=6", "--z_samples=2",
                 "--log_interval=2"])
-    assert "settings that differ from the checkpoint's: max_iters 3 -> 6, log_interval 1 -> 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "settings that differ from the checkpoint's: max_iters 3 -> 6, log_interval 1 -> 2" in printed
     full = {r["step"]: r for r in read_log(tmp_path / "a")}
     resumed = {r["step"]: r for r in read_log(tmp_path / "b")}
     assert resumed[4]["loss"] == full[4]["loss"] and resumed[6]["val_loss"] == full[6]["val_loss"]
@@ -1226,8 +1227,11 @@ def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, caps
 
 def test_nan_before_the_first_checkpoint_says_there_is_none(shards, tmp_path, monkeypatch):
     forward = GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None: (
-        lambda logits, loss: (logits, loss * float("nan") if self.training else loss))(*forward(self, idx, targets)))
+    def poisoned(self, idx, targets=None):  # every training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets)
+        return logits, loss * float("nan") if self.training else loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(SystemExit, match="training loss is nan; stopping, no checkpoint was written"):
         train.main(tiny_run(shards, tmp_path / "out", "--max_iters=4", "--eval_interval=2"))
     assert not (tmp_path / "out" / "ckpt.pt").exists()

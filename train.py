@@ -4,7 +4,9 @@ Train GPT-2 with a dense, switch, top2 or ∞-MoE FFN on llm.c-format token shar
   python train.py                                   # tiny ∞-MoE on the bundled sample, CPU, minutes
   python train.py --ffn=switch --max_iters=500      # any TrainConfig or GPTConfig field, --key=value
   torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2 --ffn=inf   # the paper's GPT-2 Small run
+  python train.py --init_from=resume --max_iters=400                          # continue out/ with its settings
   python train.py --eval_only --init_from=resume --z_samples=4                # evaluate a checkpoint
+  python train.py --help                                                      # every option, default, meaning
 """
 import ast
 import dataclasses
@@ -256,7 +258,7 @@ def configure(argv):
     ckpt = starting_point(cfg.init_from, cfg.out_dir)
     if ckpt is None:
         base_train = {}
-        base_model = dataclasses.asdict(GPTConfig()) if "preset" in flags else dataclasses.asdict(GPTConfig(**TINY_MODEL))
+        base_model = dataclasses.asdict(GPTConfig() if "preset" in flags else GPTConfig(**TINY_MODEL))
     else:
         base_train = {k: v for k, v in ckpt["config"].items() if k in train_fields and k not in PER_INVOCATION}
         base_model = {**dataclasses.asdict(GPTConfig()), **{k: v for k, v in ckpt["model_args"].items()
@@ -638,7 +640,9 @@ def stats_record(model, ddp):
 
 def hms(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------- main
@@ -705,7 +709,7 @@ def main(argv=None):
 
 
 def train(cfg, model_args, ckpt, data_start):
-    """Train (or with eval_only, evaluate) the model; returns the best val loss (the eval record)."""
+    """Train the model and return the best val loss; with eval_only, evaluate it once and return the record."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -746,7 +750,8 @@ def train(cfg, model_args, ckpt, data_start):
             saved_step = iter_num
             optimizer.load_state_dict(ckpt["optimizer"])
             for group in optimizer.param_groups:  # --allow_changes may have given new AdamW settings
-                group.update(weight_decay=group["weight_decay"] and cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+                group["betas"] = (cfg.beta1, cfg.beta2)
+                group["weight_decay"] = group["weight_decay"] and cfg.weight_decay  # the no-decay group keeps 0
             train_loader.reset(**data_start)
             if data_start == ckpt["data"]:  # same data, same place: the run continues bit for bit
                 set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
@@ -757,7 +762,8 @@ def train(cfg, model_args, ckpt, data_start):
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    logger = Logger(cfg, master, {**dataclasses.asdict(cfg), **model_args}, "eval.jsonl" if cfg.eval_only else "log.jsonl")
+    logger = Logger(cfg, master, {**dataclasses.asdict(cfg), **model_args},
+                    "eval.jsonl" if cfg.eval_only else "log.jsonl")
     total, active = raw_model.num_params()
     tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     if master:
