@@ -1255,6 +1255,8 @@ def test_help_lists_every_option_with_default_and_meaning(capsys):
         for f in dataclasses.fields(config):
             assert f"--{f.name}=" in text, f.name
     assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
+    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
+        assert [name for name, note in train.field_help(cls).items() if not note] == [], cls.__name__
     assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
     sample.main(["--help"])
     text = capsys.readouterr().out
