@@ -44,7 +44,7 @@ class TrainConfig:
     data_dir: str = "data/sample"     # llm.c shards: *_val_*.bin and *_train_*.bin
     init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt, with its saved settings)
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
-    overwrite: bool = False           # scratch run: replace the ckpt.pt and log.jsonl already in out_dir
+    overwrite: bool = False           # scratch run: delete out_dir's ckpt.pt, log.jsonl, eval.jsonl first
     allow_changes: bool = False       # resume: accept another data_dir, batch or optimizer setting
     eval_only: bool = False           # score the checkpoint once (val loss, HellaSwag) and exit
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
@@ -569,11 +569,11 @@ def prepare_out_dir(cfg, ckpt):
         ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
         if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UsageError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or start "
-                             f"over with --overwrite (replaces it and log.jsonl)")
+                             f"over with --overwrite (deletes it, log.jsonl and eval.jsonl)")
         for tmp in glob.glob(os.path.join(cfg.out_dir, "ckpt.pt.*tmp")) + glob.glob(log_path + ".*.tmp"):
             os.remove(tmp)  # left by a killed run: no live run writes here, we hold the lock
-        if ckpt is None:
-            for path in (ckpt_path, log_path):
+        if ckpt is None:  # a new run: none of the old one's files stay to be mistaken for its own
+            for path in (ckpt_path, log_path, os.path.join(cfg.out_dir, "eval.jsonl")):
                 if os.path.exists(path):
                     os.remove(path)
         elif os.path.exists(log_path):
