@@ -20,16 +20,16 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
+    block_size: int = 1024        # context length in tokens
+    vocab_size: int = 50257       # GPT-2's BPE vocabulary
+    n_layer: int = 12             # transformer blocks
+    n_head: int = 12              # attention heads (n_embd must divide by it)
+    n_embd: int = 768             # d, the residual stream width
+    dropout: float = 0.0          # on embeddings, attention and residual branches; 0 for pretraining
+    bias: bool = True             # biases in Linear layers and LayerNorms, as in GPT-2
     ffn: str = "dense"          # dense | switch | top2 | inf
     # discrete MoE (switch, top2)
-    n_expert: int = 4
+    n_expert: int = 4             # experts of width d_ff / n_expert
     moe_top_k: int = 0            # experts per token; 0: 1 for switch, 2 for top2 (changeable at inference)
     aux_loss_coef: float = 0.01   # alpha, Switch load-balancing loss
     z_loss_coef: float = 0.001    # beta, router z-loss

@@ -3,8 +3,9 @@ Generate text from a checkpoint that train.py wrote.
 
   python sample.py                                   # out/ckpt.pt, 3 samples from a newline
   python sample.py --start="To be, or not" --num_samples=1 --max_new_tokens=100
-  python sample.py --start=FILE:prompt.txt --z_samples=4        # ∞-MoE: K samples of z per token
+  python sample.py --start=FILE:README.md --z_samples=4         # ∞-MoE: K samples of z per token
   python sample.py --z_deterministic                            # ∞-MoE: z = mu, no routing noise
+  python sample.py --help                                       # every option, default, meaning
 """
 import os
 import sys
@@ -15,58 +16,81 @@ import torch
 
 from model import GPT, GPTConfig
 from prepare_fineweb import get_tokenizer
-from train import parse_args
+from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, load_checkpoint, parse_args,
+                   pick_device, usage)
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out"
+    out_dir: str = "out"         # where train.py wrote ckpt.pt
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
-    num_samples: int = 3
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 200             # 0: no top-k filtering
-    seed: int = 1337
-    device: str = ""             # "" picks cuda when available, else cpu
+    num_samples: int = 3         # samples to draw, one after the other
+    max_new_tokens: int = 200    # tokens generated per sample
+    temperature: float = 0.8     # divides the logits; 0: greedy (always the most likely token)
+    top_k: int = 200             # sample among the k most likely tokens; 0: no top-k filtering
+    seed: int = 1337             # of the sampling and the ∞-MoE routing noise
+    device: str = ""             # cpu | cuda | cuda:N; "" picks cuda when available, else cpu
     dtype: str = ""              # bfloat16 | float32; "" picks bfloat16 on cuda, float32 on cpu
     z_samples: int = 0           # ∞-MoE K at inference; 0 keeps the checkpoint's
-    z_deterministic: bool = False
+    z_deterministic: bool = False  # ∞-MoE z = mu (no noise); unless given, the checkpoint's setting
     moe_top_k: int = 0           # switch/top2 experts per token; 0 keeps the checkpoint's
 
 
+# sample.py's own ranges where its options mean something else than train.py's (0 = keep the checkpoint's)
+SAMPLE_RANGES = {**RANGES, "num_samples": at_least(1), "max_new_tokens": at_least(0),
+                 "temperature": at_least(0), "top_k": at_least(0), "z_samples": at_least(0)}
+
+
+def read_prompt(start):
+    """--start's text: itself, or with FILE:path the contents of that UTF-8 file."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"--start=FILE:{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--start=FILE:{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage(__doc__, SampleConfig()))
+        return None
     cfg = SampleConfig()
-    parse_args(sys.argv[1:] if argv is None else argv, cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    given = parse_args(argv, cfg)
+    check_ranges(given, SAMPLE_RANGES)
+    check_dtype(cfg.dtype)
+    device = pick_device(cfg.device)
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    start = read_prompt(cfg.start)
 
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py --out_dir={cfg.out_dir}`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    model.set_sampling(z_samples=cfg.z_samples or None, z_deterministic=cfg.z_deterministic,
-                       moe_top_k=cfg.moe_top_k or None)
+    if cfg.moe_top_k > model.config.n_expert:
+        raise UsageError(f"--moe_top_k={cfg.moe_top_k}: this model has {model.config.n_expert} experts")
+    model.set_sampling(z_samples=cfg.z_samples or None, moe_top_k=cfg.moe_top_k or None,
+                       z_deterministic=cfg.z_deterministic if "z_deterministic" in given else None)
     model.eval().to(device)
 
-    start = cfg.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
     enc = get_tokenizer()
     ids = enc.encode(start, allowed_special={"<|endoftext|>"})
     if not ids:
-        raise ValueError("--start is empty: give at least one token of prompt")
+        raise UsageError("--start is empty: give at least one token of prompt")
     if max(ids) >= model.config.vocab_size:
-        raise ValueError(f"--start has token id {max(ids)}, outside this model's vocab_size {model.config.vocab_size}")
+        raise UsageError(f"--start has token id {max(ids)}, outside this model's vocab_size "
+                         f"{model.config.vocab_size}")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None]
 
     torch.manual_seed(cfg.seed)
     texts = []
     for _ in range(cfg.num_samples):
-        with ctx:
+        with ctx:  # temperature 0 is greedy: generate() divides by max(temperature, 1e-8)
             y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
         texts.append(enc.decode(y[0].tolist()))
         print(texts[-1])
@@ -77,5 +101,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # UsageError and the model's own config errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

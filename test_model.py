@@ -1,7 +1,10 @@
 """Test suite: CPU only, `python -m pytest -q test_model.py`. Triton kernels run under TRITON_INTERPRET=1."""
+import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -553,8 +556,8 @@ def tiny_run(data, out, *extra):
             "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", *extra]
 
 
-def read_log(out):
-    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+def read_log(out, name="log.jsonl"):
+    return [json.loads(line) for line in open(Path(out) / name)]
 
 
 @pytest.mark.parametrize("ffn", FFNS)
@@ -590,7 +593,7 @@ def test_eval_only_with_k_and_deterministic(shards, tmp_path):
     v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))["val_loss"]
     v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_samples=4"))["val_loss"]
     assert v1 == v2 and math.isfinite(v4)
-    assert read_log(out)[-1]["z_samples"] == 4
+    assert read_log(out, "eval.jsonl")[-1]["z_samples"] == 4
     with pytest.raises(ValueError, match="n_embd"):
         train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--n_embd=64"))
 
@@ -617,7 +620,8 @@ def test_bad_options_are_named(shards, tmp_path):
     with pytest.raises(ValueError, match="--preset=gpt3"):
         train.main(["--preset=gpt3"])
     with pytest.raises(ValueError, match="needs --dtype=bfloat16"):
-        train.main([f"--data_dir={shards}", "--ffn=top2", "--compile", "--device=cpu", "--dtype=float32"])
+        train.main([f"--data_dir={shards}", f"--out_dir={tmp_path / 'out'}", "--eval_iters=2", "--ffn=top2",
+                    "--compile", "--device=cpu", "--dtype=float32"])
     res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True, text=True,
                          cwd=Path(__file__).parent)
     assert res.returncode != 0 and "unknown option --learning_rat" in res.stderr
@@ -633,7 +637,7 @@ def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
     assert len(texts) == 2 and all(t.startswith(prompt) and len(t) > len(prompt) for t in texts)
     with pytest.raises(ValueError, match="vocab_size 97"):
         sample.main([f"--out_dir={out}", "--start=Hello"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(train.UsageError, match="no checkpoint"):
         sample.main([f"--out_dir={tmp_path / 'nowhere'}"])
 
 
@@ -867,7 +871,7 @@ def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
                  "--hellaswag_limit=4", "--moe_top_k=1")
     assert record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1 and record["moe_top_k"] == 1
     assert "hellaswag acc" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
+    with pytest.raises(train.UsageError, match="prepare_fineweb.py --hellaswag"):
         run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}")
 
 
@@ -1007,7 +1011,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(SystemExit, match="training loss is nan"):
         train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # written at step 4, before the NaN at step 6
+    ckpt = train.load_checkpoint(out / "ckpt.pt")  # written at step 4, before the NaN at step 6
     assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -1260,3 +1264,267 @@ def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
         assert str(path) in str(e.value)
     with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
         load_hellaswag(str(tmp_path))  # a directory
+
+
+# ---- train.py / sample.py: bad input, checkpoints, out_dir, resume settings (issues 9 and 14)
+
+def trained(shards, out, *extra):
+    """A 2-step tiny ∞-MoE run into out (checkpoint at step 2); returns the path of its ckpt.pt."""
+    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2", *extra))
+    return out / "ckpt.pt"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must be refused before any model is built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+    monkeypatch.setattr(train, "GPT", refuse)
+    monkeypatch.setattr(sample, "GPT", refuse)
+
+
+def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkeypatch, no_model):
+    out = tmp_path / "out"
+    (tmp_path / "a_file").write_text("")
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    write_llmc_shard(short / "syn_train_000003.bin", np.arange(100) % 97)  # < 4 x 32 + 1 tokens
+    cases = [  # (argv after tiny_run's, words the one-line error must contain)
+        (["--n_head=0"], "--n_head=0: must be >= 1"),
+        (["--eval_interval=0"], "--eval_interval=0: must be >= 1"),
+        (["--log_interval=0"], "--log_interval=0"),
+        (["--batch_size=-1"], "--batch_size=-1"),
+        (["--batch_size=0"], "--batch_size=0"),
+        (["--eval_iters=0"], "--eval_iters=0"),
+        (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0"),
+        (["--max_iters=-1"], "--max_iters=-1"),
+        (["--hellaswag_limit=-1"], "--hellaswag_limit=-1"),
+        (["--learning_rate=nan"], "--learning_rate=nan"),
+        (["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
+        (["--device=cuda"], "--device=cuda: no CUDA device"),
+        (["--device=gpu"], "--device=gpu"),
+        (["--dtype=float16"], "--dtype=float16"),
+        (["--init_from=bogus"], "--init_from=bogus"),
+        (["--out_dir"], "--out_dir needs a value"),
+        (["--preset"], "--preset needs a value"),
+        (["--eval_only"], "--init_from=resume"),
+        ([f"--out_dir={tmp_path / 'a_file'}"], "--out_dir="),
+        (["--wandb_log"], "pip install wandb"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'a_file'}"], "a_file: no HellaSwag examples"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}"], "no HellaSwag data at"),
+        (["--eval_iters=40"], "--eval_iters=40: the val split"),  # 4000 val tokens hold 31 batches of 4 x 32
+        (["--vocab_size=50"], "syn_train_000001.bin: token id"),
+        ([f"--data_dir={short}"], "syn_train_000003.bin: 100 tokens"),
+        ([f"--data_dir={tmp_path / 'nowhere'}"], "no train shards"),
+    ]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as when it is not installed
+    for argv, words in cases:
+        with pytest.raises(train.UsageError) as err:
+            train.main(tiny_run(shards, out, *argv))
+        assert words in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
+    assert not out.exists()  # nothing was written
+    monkeypatch.delenv("TRITON_INTERPRET")  # the kernel would need a GPU
+    with pytest.raises(train.UsageError, match="--use_kernel=on needs a CUDA device"):
+        train.main(tiny_run(shards, out, "--use_kernel=on"))
+
+
+def test_bad_sample_options(tmp_path, no_model):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cases = [
+        (["--temperature=-1"], "--temperature=-1.0: must be >= 0"),
+        (["--top_k=-5"], "--top_k=-5"),
+        (["--num_samples=0"], "--num_samples=0"),
+        (["--dtype=float16"], "--dtype=float16"),
+        (["--device=cuda"], "--device=cuda"),
+        (["--out_dir"], "--out_dir needs a value"),
+        ([f"--start=FILE:{tmp_path}"], f"--start=FILE:{tmp_path}: Is a directory"),
+        ([f"--start=FILE:{tmp_path / 'latin1.txt'}"], "latin1.txt: not UTF-8"),
+        ([f"--start=FILE:{tmp_path / 'missing.txt'}"], "missing.txt: No such file"),
+        ([f"--out_dir={tmp_path}"], f"no checkpoint at {tmp_path / 'ckpt.pt'}"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(train.UsageError) as err:
+            sample.main(argv)
+        assert words in str(err.value), (argv, str(err.value))
+
+
+def test_one_line_error_and_exit_status_2(shards, tmp_path):
+    root = Path(__file__).parent
+    for script, argv, words in [("train.py", tiny_run(shards, tmp_path, "--eval_iters=0"), "--eval_iters=0"),
+                                ("sample.py", ["--top_k=-5"], "--top_k=-5")]:
+        res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=root)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and words in res.stderr
+        assert res.stderr.count("\n") == 1, res.stderr
+
+
+def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
+    ckpt = trained(shards, tmp_path / "out")
+    raw = ckpt.read_bytes()
+    assert train.load_checkpoint(ckpt)["iter_num"] == 2
+    middle = len(raw) // 2
+    damages = {"7 bytes overwritten": raw[:middle] + b"\xff" * 7 + raw[middle + 7:],
+               "truncated": raw[:middle], "empty": b""}
+    readers = {"resume": lambda: train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
+                                                     "--max_iters=4")),
+               "eval_only": lambda: train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
+                                                        "--eval_only")),
+               "sample": lambda: sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!"])}
+    for damage, data in damages.items():
+        ckpt.write_bytes(data)
+        for reader, call in readers.items():
+            with pytest.raises(train.UsageError, match=str(ckpt)):
+                call()
+        assert ckpt.read_bytes() == data, damage  # refused, not overwritten
+
+
+def test_scratch_run_never_overwrites_a_checkpoint(shards, tmp_path):
+    ckpt = trained(shards, tmp_path / "out")
+    before = ckpt.read_bytes()
+    with pytest.raises(train.UsageError, match="--init_from=resume.*--overwrite"):
+        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=2", "--eval_interval=2"))
+    assert ckpt.read_bytes() == before
+    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=3", "--eval_interval=3", "--overwrite"))
+    assert train.load_checkpoint(ckpt)["iter_num"] == 3
+    assert [r["step"] for r in read_log(tmp_path / "out") if "loss" in r] == [1, 2, 3]  # the old log is gone
+
+
+def test_out_dir_lock_refuses_a_live_run_and_not_a_killed_one(shards, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(train.UsageError, match="is in use by another run"):
+            train.main(tiny_run(shards, out, "--max_iters=1"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    (out / "ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")  # as a killed run leaves it
+    train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1"))
+    assert train.load_checkpoint(out / "ckpt.pt")["iter_num"] == 1 and not (out / "ckpt.pt.4242.tmp").exists()
+
+
+def test_resume_past_max_iters_stops_with_an_error(shards, tmp_path):
+    trained(shards, tmp_path / "out")
+    for max_iters in (1, 2):
+        with pytest.raises(train.UsageError, match=f"at step 2 and --max_iters={max_iters}"):
+            train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume", f"--max_iters={max_iters}"))
+
+
+def test_resume_takes_the_checkpoints_settings(shards, tmp_path, capsys):
+    """Resumed with only --out_dir, --init_from and --max_iters, a run continues bit-identically: data_dir,
+    batch, schedule and model come from the checkpoint (the defaults would read data/sample, and fail)."""
+    common = ["--ffn=inf", "--eval_interval=2", "--lr_decay_iters=4", "--eval_iters=3"]
+    train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=4"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=2"))
+    capsys.readouterr()
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=4", "--z_samples=2",
+                "--seed=7"])  # the checkpoint's RNG state is restored: the seed changes nothing
+    printed = capsys.readouterr().out
+    assert "settings that differ from the checkpoint's: max_iters 2 -> 4, seed 1337 -> 7" in printed
+    full, resumed = ([(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(tmp_path / run)]
+                     for run in "ab")
+    assert resumed == full  # steps 3 and 4 bit-identical
+    saved = train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--eval_only", "--z_deterministic"])
+    given = train.main(tiny_run(shards, tmp_path / "a", *common, "--init_from=resume", "--eval_only",
+                                "--z_deterministic"))
+    assert saved["val_loss"] == given["val_loss"]  # the saved data_dir, eval_iters, batch and model
+
+
+def test_resume_refuses_changes_that_make_another_run(shards, tmp_path):
+    out = tmp_path / "out"
+    trained(shards, out)
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    for flag, words in [(f"--data_dir={other}", f"--data_dir={shards}"), ("--batch_size=2", "--batch_size=4"),
+                        ("--learning_rate=1e-2", "--learning_rate=0.003"), ("--d_z=4", "--d_z=8")]:
+        with pytest.raises(train.UsageError, match="was trained with " + words):
+            train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", flag])
+    train.main([f"--out_dir={out}", "--init_from=resume", "--eval_only", f"--data_dir={other}"])  # scoring: fine
+    train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", f"--data_dir={other}",
+                "--allow_changes"])
+    assert train.load_checkpoint(out / "ckpt.pt")["config"]["data_dir"] == str(other)
+
+
+def test_resume_with_remade_shards_is_an_error(shards, tmp_path):
+    out = tmp_path / "out"
+    trained(shards, out, "--batch_size=16", "--block_size=64", "--eval_iters=1")  # 2 x 1024 tokens read
+    write_llmc_shard(shards / "syn_train_000001.bin", np.arange(1500) % 97)  # remade, shorter
+    with pytest.raises(train.UsageError, match="stopped at train shard 0, token 2048.*remade"):
+        train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
+
+
+def test_log_holds_each_step_once_after_a_resume(shards, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--max_iters=4", "--eval_interval=2"))
+    with open(out / "log.jsonl", "a") as f:  # as a run killed after its last checkpoint leaves the log
+        f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "loss"')
+    train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 2, 4, 6]
+    assert 9.0 not in [r["loss"] for r in log if "loss" in r]
+
+
+def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, capsys):
+    """A fake clock: 1 s per training forward, 100 s per evaluation. Every logged rate is then 1 step/s,
+    though evaluations fall between log lines; elapsed counts both."""
+    clock = [0.0]
+    forward, evaluate = GPT.forward, train.evaluate
+
+    def timed_forward(self, idx, targets=None):
+        clock[0] += self.training
+        return forward(self, idx, targets)
+
+    def timed_evaluate(*args):
+        clock[0] += 100
+        return evaluate(*args)
+
+    monkeypatch.setattr(GPT, "forward", timed_forward)
+    monkeypatch.setattr(train, "evaluate", timed_evaluate)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=6", "--eval_interval=2", "--log_interval=3"))
+    records = [r for r in read_log(tmp_path / "out") if "loss" in r]
+    assert [r["tokens_per_s"] for r in records] == [4 * 32 / 1.0] * 2  # batch 4 x block 32 per step
+    assert [r["elapsed_s"] for r in records] == [3 + 200, 6 + 300]  # evaluations at steps 0, 2 and 4
+    assert "step 3/6:" in capsys.readouterr().out
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none(shards, tmp_path, monkeypatch):
+    forward = GPT.forward
+    def poisoned(self, idx, targets=None):  # every training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets)
+        return logits, loss * float("nan") if self.training else loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(SystemExit, match="training loss is nan; stopping, no checkpoint was written"):
+        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=4", "--eval_interval=2"))
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_sample_keeps_the_checkpoints_z_deterministic(shards, tmp_path, monkeypatch):
+    trained(shards, tmp_path / "out", "--z_deterministic")
+    seen, generate = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(self.config.z_deterministic)
+                        or generate(self, *a, **k))
+    for argv in ([], ["--z_deterministic=false"]):
+        sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!", "--num_samples=1", "--max_new_tokens=2", *argv])
+    assert seen == [True, False]
+
+
+def test_help_lists_every_option_with_default_and_meaning(capsys):
+    assert train.main(["--help"]) is None
+    text = capsys.readouterr().out
+    for config in (train.TrainConfig(), GPTConfig(**train.TINY_MODEL)):
+        for f in dataclasses.fields(config):
+            assert f"--{f.name}=" in text, f.name
+    assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
+    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
+        assert [name for name, note in train.field_help(cls).items() if not note] == [], cls.__name__
+    assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
+    sample.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}=" in text for f in dataclasses.fields(sample.SampleConfig))
+    assert "--top_k=200" in text and "0: no top-k filtering" in text

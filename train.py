@@ -4,14 +4,25 @@ Train GPT-2 with a dense, switch, top2 or ∞-MoE FFN on llm.c-format token shar
   python train.py                                   # tiny ∞-MoE on the bundled sample, CPU, minutes
   python train.py --ffn=switch --max_iters=500      # any TrainConfig or GPTConfig field, --key=value
   torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2 --ffn=inf   # the paper's GPT-2 Small run
+  python train.py --init_from=resume --max_iters=400                          # continue out/ with its settings
   python train.py --eval_only --init_from=resume --z_samples=4                # evaluate a checkpoint
+  python train.py --help                                                      # every option, default, meaning
 """
+import ast
 import dataclasses
+import fcntl
+import glob
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
+import re
 import sys
+import textwrap
 import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,50 +34,53 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT, GPTConfig
-from prepare_fineweb import EOT, HELLASWAG_PATH, get_tokenizer, load_hellaswag, load_shard, shard_paths
+from prepare_fineweb import (EOT, HELLASWAG_PATH, DataError, check_dataset, get_tokenizer, load_hellaswag,
+                             load_shard, shard_paths)
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out"
-    data_dir: str = "data/sample"
-    init_from: str = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
+    out_dir: str = "out"              # checkpoint ckpt.pt, log.jsonl (training), eval.jsonl (--eval_only)
+    data_dir: str = "data/sample"     # llm.c shards: *_val_*.bin and *_train_*.bin
+    init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt, with its saved settings)
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
-    eval_only: bool = False
+    overwrite: bool = False           # scratch run: delete out_dir's ckpt.pt, log.jsonl, eval.jsonl first
+    allow_changes: bool = False       # resume: accept another data_dir, batch or optimizer setting
+    eval_only: bool = False           # score the checkpoint once (val loss, HellaSwag) and exit
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
     hellaswag_limit: int = 0          # 0: all 10,042 examples; else the first N (a quick look)
-    hellaswag_path: str = HELLASWAG_PATH
-    eval_interval: int = 50
+    hellaswag_path: str = HELLASWAG_PATH  # the validation split, fetched by prepare_fineweb.py --hellaswag
+    eval_interval: int = 50           # evaluate (and save ckpt.pt) every this many steps
     eval_iters: int = 10              # validation batches; always the same val tokens
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
-    seed: int = 1337
+    log_interval: int = 10            # print and log the training loss every this many steps
+    always_save_checkpoint: bool = True  # false: save only when the val loss improves
+    seed: int = 1337                  # of this run's random numbers (process r uses seed + r)
     # data and batch: tokens per optimizer step = batch_size * block_size * grad_accum * world size
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 8               # sequences per micro-batch and process
+    gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all processes
     # AdamW with linear warm-up and cosine decay to min_lr
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    max_iters: int = 200
-    warmup_iters: int = 20
+    learning_rate: float = 1e-3       # peak learning rate, after warm-up
+    min_lr: float = 1e-4              # learning rate at the end of the cosine decay
+    max_iters: int = 200              # optimizer steps of the whole run
+    warmup_iters: int = 20            # steps of linear warm-up
     lr_decay_iters: int = 0           # 0: decay until max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1         # AdamW's, on matrices only (not biases, LayerNorms)
+    beta1: float = 0.9                # AdamW's
+    beta2: float = 0.95               # AdamW's
+    grad_clip: float = 1.0            # clip the gradient's global norm to this; 0: no clipping
     # system
-    device: str = ""                  # "" picks cuda when available, else cpu
+    device: str = ""                  # cpu | cuda | cuda:N; "" picks cuda when available, else cpu
     dtype: str = ""                   # bfloat16 | float32; "" picks bfloat16 on cuda, float32 on cpu
-    compile: bool = False
-    wandb_log: bool = False
-    wandb_project: str = "inf-moe"
-    wandb_run_name: str = ""
+    compile: bool = False             # torch.compile the model
+    wandb_log: bool = False           # also send the log records to Weights & Biases (pip install wandb)
+    wandb_project: str = "inf-moe"    # W&B project
+    wandb_run_name: str = ""          # W&B run name; "": W&B picks one
 
 
 # Model the default run trains: small enough to learn visibly on a 2-core CPU in a few minutes.
 TINY_MODEL = dict(ffn="inf", n_layer=4, n_head=4, n_embd=128, block_size=128, d_z=32)
 
-# The paper's setup (SPEC.md): FineWeb 10B tokens, seq 1024, 524,288 tokens per step, bf16.
+# The paper's setup (arXiv 2601.17680): FineWeb 10B tokens, seq 1024, 524,288 tokens per step, bf16.
 RECIPE = dict(data_dir="data/fineweb10B", batch_size=16, gradient_accumulation_steps=32, learning_rate=6e-4,
               min_lr=6e-5, max_iters=19073, warmup_iters=700, eval_interval=250, eval_iters=20,
               log_interval=10, compile=True)
@@ -75,9 +89,50 @@ PRESETS = {
     "gpt2-medium": (RECIPE, dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)),
 }
 INFERENCE_KNOBS = ("z_samples", "z_deterministic", "moe_top_k", "use_kernel", "dropout")  # may differ from a checkpoint's
+# Settings that make a resumed training run another run: changed only with --allow_changes.
+RUN_DEFINING = ("data_dir", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr",
+                "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+# Settings of one invocation, never taken from a checkpoint.
+PER_INVOCATION = ("out_dir", "init_from", "preset", "overwrite", "allow_changes", "eval_only")
 
 # Peak dense bf16 tensor FLOP/s per GPU, for MFU; unknown GPUs get no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+class UsageError(ValueError):
+    """A bad option, value or file: `python train.py` / `sample.py` print it as one line and exit 2."""
+
+
+# ----------------------------------------------------------------------------- options
+
+def at_least(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def above(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+BELOW_ONE = (lambda v: 0 <= v < 1), "in [0, 1)"
+# The valid values of every numeric option: (test, the words an error shows). NaN fails every test.
+RANGES = {
+    "hellaswag_limit": at_least(0), "eval_interval": at_least(1), "eval_iters": at_least(1),
+    "log_interval": at_least(1), "seed": at_least(0), "batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1), "learning_rate": above(0),
+    "min_lr": at_least(0), "max_iters": at_least(0), "warmup_iters": at_least(0), "lr_decay_iters": at_least(0),
+    "weight_decay": at_least(0), "beta1": BELOW_ONE, "beta2": BELOW_ONE, "grad_clip": at_least(0),
+    # GPTConfig's own checks cover the combinations (n_embd % n_head, moe_top_k <= n_expert, ...)
+    "block_size": at_least(1), "vocab_size": at_least(1), "n_layer": at_least(1), "n_head": at_least(1),
+    "n_embd": at_least(1), "dropout": BELOW_ONE, "n_expert": at_least(1), "moe_top_k": at_least(0),
+    "aux_loss_coef": at_least(0), "z_loss_coef": at_least(0), "d_z": at_least(1),
+    "top_frac": ((lambda v: 0 < v <= 1), "in (0, 1]"), "z_samples": at_least(1),
+}
+
+
+def check_ranges(values, ranges):
+    for key, value in values.items():
+        if key in ranges and not ranges[key][0](value):
+            raise UsageError(f"--{key}={value}: must be {ranges[key][1]}")
 
 
 def parse_value(key, text, default):
@@ -87,52 +142,161 @@ def parse_value(key, text, default):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"--{key}={text}: expected true or false")
+        raise UsageError(f"--{key}={text}: expected true or false")
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"--{key}={text}: expected {kind.__name__}") from None
+        raise UsageError(f"--{key}={text}: expected {kind.__name__}") from None
+
+
+def read_flags(argv, *classes):
+    """--key=value strings -> {key: value, typed like the field of the first dataclass that has it}.
+
+    A bare --flag means --flag=true for a boolean and is an error for anything else.
+    """
+    fields = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, f.default)
+    flags = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}: options look like --key=value (see --help)")
+        key, eq, text = arg[2:].partition("=")
+        if key not in fields:
+            raise UsageError(f"unknown option --{key} (known: {', '.join(sorted(fields))})")
+        if not eq and type(fields[key]) is not bool:
+            raise UsageError(f"--{key} needs a value: --{key}=...")
+        flags[key] = parse_value(key, text if eq else "true", fields[key])
+    return flags
 
 
 def parse_args(argv, *configs):
-    """Apply --key=value overrides to the first dataclass in configs that has the field.
+    """Apply --key=value overrides to the first dataclass instance in configs that has the field.
+    Returns {key: value} of what was given."""
+    flags = read_flags(argv, *(type(c) for c in configs))
+    for key, value in flags.items():
+        setattr(next(c for c in configs if hasattr(c, key)), key, value)
+    return flags
 
-    A bare --flag means --flag=true. Returns {key: value} of what was given, for callers that care.
-    """
-    given = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
-        key, eq, text = arg[2:].partition("=")
-        target = next((c for c in configs if key in {f.name for f in dataclasses.fields(c)}), None)
-        if target is None:
-            names = sorted(f.name for c in configs for f in dataclasses.fields(c))
-            raise ValueError(f"unknown option --{key} (known: {', '.join(names)})")
-        default = getattr(target, key)
-        value = parse_value(key, text if eq else "true", default)
-        setattr(target, key, value)
-        given[key] = value
-    return given
+
+def field_help(cls):
+    """{field: the comment on its line} of a dataclass, read from its source: --help's only text."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return {node.target.id: comments.get(node.lineno, "")
+            for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
+
+
+def usage(doc, *configs):
+    """--help: the script's docstring, then every option with its default and meaning. A config built with
+    other values than its class's defaults (the default run's TINY_MODEL) shows both."""
+    def shown(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        return value if not isinstance(value, str) or (value and value.isprintable()) else repr(value)
+
+    lines = [doc.strip(), "", "Options, --key=value (a bare --flag means --flag=true), default shown:"]
+    for config in configs:
+        cls, notes = type(config), field_help(type(config))
+        lines.append(f"  {cls.__name__}:")
+        for f in dataclasses.fields(config):
+            value, note = getattr(config, f.name), notes[f.name]
+            if value != f.default:
+                note += f" [{cls.__name__} and --preset: {shown(f.default)}]"
+            lines.append(f"    {'--' + f.name + '=' + str(shown(value)):<32} {note}")
+    return "\n".join(lines)
+
+
+def pick_device(name):
+    """torch.device for --device ("" picks cuda when available, else cpu); refused if absent."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device={name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={name}: no CUDA device here (torch {torch.__version__}); use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_dtype(dtype):
+    if dtype == "float16":
+        raise UsageError("--dtype=float16: not supported (it would need a loss scaler); use bfloat16 or float32")
+    if dtype not in ("", "bfloat16", "float32"):
+        raise UsageError(f"--dtype={dtype}: expected bfloat16 or float32")
+
+
+def starting_point(init_from, out_dir):
+    """The checkpoint a run starts from, or None for a scratch run: the one place init_from is read."""
+    if init_from == "scratch":
+        return None
+    if init_from == "resume":
+        return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    raise UsageError(f"--init_from={init_from}: expected scratch or resume")
 
 
 def configure(argv):
-    """TrainConfig and GPTConfig kwargs from defaults, an optional preset, then the command line."""
-    cfg, model_cfg = TrainConfig(), GPTConfig(**TINY_MODEL)
-    preset = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
-    if preset:
-        if preset[-1] not in PRESETS:
-            raise ValueError(f"--preset={preset[-1]}: expected one of {', '.join(PRESETS)}")
-        train_over, model_over = PRESETS[preset[-1]]
-        cfg = dataclasses.replace(cfg, **train_over)
-        model_cfg = GPTConfig(**{**dataclasses.asdict(GPTConfig()), **model_over})
-    given = parse_args(argv, cfg, model_cfg)
-    model_args = dataclasses.asdict(model_cfg)
+    """(TrainConfig, GPTConfig kwargs, checkpoint or None, {setting: (checkpoint's, now)}).
+
+    A scratch run starts from the defaults (TINY_MODEL, or GPTConfig's with a preset); a run from a
+    checkpoint starts from the settings saved in it. Then --preset, then the command line, applied on top.
+    """
+    flags = read_flags(argv, TrainConfig, GPTConfig)
+    if "preset" in flags:
+        if flags["preset"] not in PRESETS:
+            raise UsageError(f"--preset={flags['preset']}: expected one of {', '.join(PRESETS)}")
+        train_over, model_over = PRESETS[flags["preset"]]
+        flags = {**train_over, **model_over, **flags}  # a flag after the preset overrides it
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = TrainConfig(**{k: v for k, v in flags.items() if k in train_fields})
+    ckpt = starting_point(cfg.init_from, cfg.out_dir)
+    if ckpt is None:
+        base_train = {}
+        base_model = dataclasses.asdict(GPTConfig() if "preset" in flags else GPTConfig(**TINY_MODEL))
+    else:
+        base_train = {k: v for k, v in ckpt["config"].items() if k in train_fields and k not in PER_INVOCATION}
+        base_model = {**dataclasses.asdict(GPTConfig()), **{k: v for k, v in ckpt["model_args"].items()
+                                                          if k in model_fields}}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in base_train.items() if k not in flags})
+    model_args = {**base_model, **{k: v for k, v in flags.items() if k in model_fields}}
+
+    changed = {}
+    if ckpt is not None:
+        saved = {**base_train, **base_model}
+        changed = {k: (saved[k], v) for k, v in flags.items() if k in saved and saved[k] != v}
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        shape = [k for k in changed if k in model_fields and k not in INFERENCE_KNOBS]
+        if shape:
+            was = ", ".join(f"--{k}={changed[k][0]}" for k in shape)
+            raise UsageError(f"{path} was trained with {was}; only {', '.join(INFERENCE_KNOBS)} may change "
+                             f"on resume (for another model, train into another --out_dir)")
+        run = [k for k in changed if k in RUN_DEFINING]
+        if run and not cfg.eval_only and not cfg.allow_changes:
+            was = ", ".join(f"--{k}={changed[k][0]}" for k in run)
+            raise UsageError(f"{path} was trained with {was}: resuming with another value makes it another "
+                             f"run; add --allow_changes to do it anyway")
+        if not cfg.eval_only and cfg.max_iters <= ckpt["iter_num"]:
+            raise UsageError(f"{path} is at step {ckpt['iter_num']} and --max_iters={cfg.max_iters}: nothing to "
+                             f"train; give a larger --max_iters")
+    elif cfg.eval_only:
+        raise UsageError(f"--eval_only scores a trained model: add --init_from=resume to read "
+                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    check_ranges(dataclasses.asdict(cfg), RANGES)
+    check_ranges(model_args, RANGES)
+    check_dtype(cfg.dtype)
     GPTConfig(**model_args)  # validate the combination now, with a clear message
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ValueError(f"--init_from={cfg.init_from}: expected scratch or resume")
-    if cfg.dtype not in ("", "bfloat16", "float32"):
-        raise ValueError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
-    return cfg, model_args, {k: v for k, v in given.items() if k in model_args}
+    if cfg.wandb_log:
+        try:
+            import wandb  # noqa: F401  (optional dependency)
+        except ImportError:
+            raise UsageError("--wandb_log needs the wandb package: pip install wandb") from None
+    return cfg, model_args, ckpt, changed
 
 
 # ----------------------------------------------------------------------------- data
@@ -314,10 +478,120 @@ def run_hellaswag(model, cfg, device, ctx, master, rank, world, ddp):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 
+# A checkpoint is a one-line header, then torch.save's bytes; the header holds their SHA-256 and length,
+# so a damaged, truncated or empty file is an error naming it, never a silent load.
+CKPT_HEADER = re.compile(rb"inf-moe checkpoint sha256=([0-9a-f]{64}) bytes=([0-9]{20})\n")
+CKPT_HEADER_BYTES = len(b"inf-moe checkpoint sha256= bytes=\n") + 64 + 20
+
+
+class HashingWriter:
+    """A file-like write() target for torch.save that hashes and counts the bytes on their way to f."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(path, ckpt):
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    """Write ckpt under this process's own temp name, then rename: a crash (or another run) never leaves a
+    half-written file at path, and the previous checkpoint stays intact until the new one is whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(bytes(CKPT_HEADER_BYTES))  # placeholder: the digest is known once torch.save is done
+        writer = HashingWriter(f)
+        torch.save(ckpt, writer)
+        f.seek(0)
+        f.write(b"inf-moe checkpoint sha256=%s bytes=%020d\n" % (writer.sha.hexdigest().encode(), writer.size))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """The dict save_checkpoint wrote, on the CPU, once its SHA-256 matches; a UsageError naming path if not."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    head = CKPT_HEADER.fullmatch(data[:CKPT_HEADER_BYTES])
+    if head is None:
+        raise UsageError(f"{path} ({len(data)} bytes) is not a checkpoint of this train.py: empty, damaged, "
+                         f"or written by an older version")
+    body = memoryview(data)[CKPT_HEADER_BYTES:]
+    if len(body) != int(head[2]):
+        raise UsageError(f"{path} is truncated or damaged: {len(body)} bytes after its header, "
+                         f"which says {int(head[2])}")
+    if hashlib.sha256(body).hexdigest() != head[1].decode():
+        raise UsageError(f"{path} is damaged: its contents do not match the checksum written with them")
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+
+
+def lock_out_dir(out_dir):
+    """An exclusive flock on out_dir/.lock, held while the returned file is open: a second run into the same
+    out_dir is refused, and the kernel drops the lock when a run ends, even by SIGKILL."""
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"--out_dir={out_dir} is in use by another run (pid {holder}): wait for it to end, "
+                         f"or choose another --out_dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def prepare_out_dir(cfg, ckpt):
+    """Create and lock out_dir for a training run, and make its files this run's (called on rank 0).
+
+    A scratch run never replaces a checkpoint it did not write, unless --overwrite. A resumed run drops
+    log.jsonl's records after the checkpoint's step: they belong to steps it is about to redo.
+    """
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = lock_out_dir(cfg.out_dir)
+    except OSError as e:
+        raise UsageError(f"--out_dir={cfg.out_dir}: {e.strerror}") from None
+    try:
+        ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+        if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
+            raise UsageError(f"{ckpt_path} already exists: continue that run with --init_from=resume, or start "
+                             f"over with --overwrite (deletes it, log.jsonl and eval.jsonl)")
+        for tmp in glob.glob(os.path.join(cfg.out_dir, "ckpt.pt.*tmp")) + glob.glob(log_path + ".*.tmp"):
+            os.remove(tmp)  # left by a killed run: no live run writes here, we hold the lock
+        if ckpt is None:  # a new run: none of the old one's files stay to be mistaken for its own
+            for path in (ckpt_path, log_path, os.path.join(cfg.out_dir, "eval.jsonl")):
+                if os.path.exists(path):
+                    os.remove(path)
+        elif os.path.exists(log_path):
+            keep = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= ckpt["iter_num"]:
+                            keep.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by a kill
+            with open(log_path + f".{os.getpid()}.tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + f".{os.getpid()}.tmp", log_path)
+        return lock
+    except BaseException:
+        lock.close()
+        raise
 
 
 def rng_states(device, ddp):
@@ -337,12 +611,12 @@ def set_rng_state(state, device):
 
 
 class Logger:
-    """Prints a line and appends a JSON record to out_dir/log.jsonl (rank 0 only); optional W&B."""
+    """Prints a line and appends a JSON record to a file in out_dir (rank 0 only); optional W&B."""
 
-    def __init__(self, cfg, master, run_config):
-        self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, "log.jsonl"), None
+    def __init__(self, cfg, master, run_config, name="log.jsonl"):
+        self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, name), None
         if master and cfg.wandb_log:
-            import wandb  # optional dependency
+            import wandb  # optional dependency; configure() checked it is installed
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
 
     def log(self, record, line):
@@ -364,11 +638,78 @@ def stats_record(model, ddp):
     return out
 
 
+def hms(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
-    cfg, model_args, model_given = configure(sys.argv[1:] if argv is None else argv)
+def check_data(cfg, model_args, ckpt, world, master):
+    """The whole dataset checked before the first step: every shard's header, size and token range
+    (prepare_fineweb.check_dataset), that each shard holds one step's batch, that the val split holds
+    eval_iters batches (evaluation never wraps around to re-score tokens), and that a resumed run's saved
+    data position lies inside the train shards. Returns the train loader's start position."""
+    try:
+        dataset = check_dataset(cfg.data_dir, model_args["vocab_size"])
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    if master and not dataset["manifest"]:
+        print(f"warning: {cfg.data_dir} has no manifest.json from prepare_fineweb.py, so whether its shards are "
+              f"complete is unknown; each shard was checked on its own")
+    B, T = cfg.batch_size, model_args["block_size"]
+    window = world * B * T  # tokens one step of all processes reads from a shard, plus one target
+    for path, n in dataset["train"] + dataset["val"]:
+        if n < window + 1:
+            raise UsageError(f"{path}: {n} tokens, fewer than one batch needs ({world} x {B} x {T} + 1); "
+                             f"lower --batch_size or --block_size")
+    val_batches = world * sum((n - 1) // window for _, n in dataset["val"])
+    if val_batches < cfg.eval_iters:
+        raise UsageError(f"--eval_iters={cfg.eval_iters}: the val split of {cfg.data_dir} holds only {val_batches} "
+                         f"batches of {B} x {T} tokens; lower --eval_iters or --batch_size")
+    if ckpt is None or cfg.eval_only or ckpt["config"]["data_dir"] != cfg.data_dir:
+        return {"shard": 0, "offset": 0}  # a new data_dir (--allow_changes) is read from its start
+    shard, offset = ckpt["data"]["shard"], ckpt["data"]["offset"]
+    if shard >= len(dataset["train"]) or offset + window + 1 > dataset["train"][shard][1]:
+        raise UsageError(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} stopped at train shard {shard}, token {offset}, "
+                         f"which the train shards in {cfg.data_dir} do not have: were they remade?")
+    return ckpt["data"]
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage(__doc__, TrainConfig(), GPTConfig(**TINY_MODEL)))
+        return None
+    cfg, model_args, ckpt, changed = configure(argv)
+    master, world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
+    if master and changed:
+        print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')}: settings that differ from the checkpoint's: "
+              + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    device = pick_device(cfg.device)
+    if (model_args["ffn"] == "inf" and model_args["use_kernel"] == "on" and device.type != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise UsageError(f"--use_kernel=on needs a CUDA device for its Triton kernels, not {device}; "
+                         f"use --use_kernel=off (or auto) here")
+    data_start = check_data(cfg, model_args, ckpt, world, master)
+    if cfg.hellaswag:  # read it now, so a missing or malformed file is found before training, not after
+        try:
+            if not load_hellaswag(cfg.hellaswag_path, limit=cfg.hellaswag_limit or None):
+                raise DataError(f"{cfg.hellaswag_path}: no HellaSwag examples in it")
+        except (FileNotFoundError, DataError) as e:
+            raise UsageError(f"--hellaswag: {e}") from None
+    lock = prepare_out_dir(cfg, ckpt) if master and not cfg.eval_only else None
+    try:
+        return train(cfg, model_args, ckpt, data_start)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(cfg, model_args, ckpt, data_start):
+    """Train the model and return the best val loss; with eval_only, evaluate it once and return the record."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -376,7 +717,7 @@ def main(argv=None):
     else:
         rank, local_rank, world = 0, 0, 1
     master = rank == 0
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if ddp else (device.index or 0))
         torch.cuda.set_device(device)
@@ -393,33 +734,27 @@ def main(argv=None):
     grad_accum = cfg.gradient_accumulation_steps // world
     if cfg.eval_iters % world:
         raise ValueError(f"--eval_iters={cfg.eval_iters} is not divisible by the {world} processes")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # model, optimizer, and where to start
-    ckpt = None
-    if cfg.init_from == "resume":
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--init_from=resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        clash = {k: v for k, v in model_given.items() if k not in INFERENCE_KNOBS and ckpt["model_args"][k] != v}
-        if clash:
-            raise ValueError(f"{ckpt_path} was trained with different {', '.join(clash)}; only "
-                             f"{', '.join(INFERENCE_KNOBS)} may change on resume")
-        model_args = {**ckpt["model_args"], **{k: model_given[k] for k in model_given if k in INFERENCE_KNOBS}}
     torch.manual_seed(cfg.seed + rank)  # ranks draw different ∞-MoE noise
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    iter_num, best_val = 0, float("inf")
+    iter_num, best_val, saved_step = 0, float("inf"), None
     train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, model.config.block_size, rank, world)
     val_loader = ShardLoader(cfg.data_dir, "val", cfg.batch_size, model.config.block_size, rank, world)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         if not cfg.eval_only:
+            saved_step = iter_num
             optimizer.load_state_dict(ckpt["optimizer"])
-            train_loader.reset(**ckpt["data"])
-            set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
+            for group in optimizer.param_groups:  # --allow_changes may have given new AdamW settings
+                group["betas"] = (cfg.beta1, cfg.beta2)
+                group["weight_decay"] = group["weight_decay"] and cfg.weight_decay  # the no-decay group keeps 0
+            train_loader.reset(**data_start)
+            if data_start == ckpt["data"]:  # same data, same place: the run continues bit for bit
+                set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
         del ckpt
     raw_model = model
     if cfg.compile:
@@ -427,7 +762,8 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    logger = Logger(cfg, master, {**dataclasses.asdict(cfg), **model_args})
+    logger = Logger(cfg, master, {**dataclasses.asdict(cfg), **model_args},
+                    "eval.jsonl" if cfg.eval_only else "log.jsonl")
     total, active = raw_model.num_params()
     tokens_per_iter = cfg.batch_size * raw_model.config.block_size * grad_accum * world
     if master:
@@ -456,16 +792,25 @@ def main(argv=None):
     flops_tok, peak = flops_per_token(raw_model), peak_flops(device)
     data_state = train_loader.state()  # a checkpoint resumes at the batch read next
     x, y = train_loader.next_batch(device)
-    t0 = time.time()
+    start_iter = iter_num
+    t_start = t0 = time.perf_counter()
+    timed = 0  # steps since t0: tokens/s counts only these (evaluations reset the clock)
+
+    def stopping(what, value):
+        kept = (f"last good checkpoint (step {saved_step}) kept at {ckpt_path}" if saved_step is not None else
+                f"no checkpoint was written by this run")
+        return SystemExit(f"error: step {iter_num}: {what} is {value}; stopping, {kept}")
+
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        # a resumed run starts at its checkpoint's step, evaluated (and logged) before that was saved
+        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != saved_step:
             val = run_eval({"lr": lr})["val_loss"]
             if not math.isfinite(val):
-                raise SystemExit(f"step {iter_num}: validation loss is {val}; stopping, {ckpt_path} kept as it was")
+                raise stopping("validation loss", val)
             if iter_num > 0 and (val < best_val or cfg.always_save_checkpoint):
                 best_val = min(best_val, val)
                 rngs = rng_states(device, ddp)  # collective: every rank takes part
@@ -474,8 +819,9 @@ def main(argv=None):
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "model_args": model_args, "config": dataclasses.asdict(cfg), "iter_num": iter_num,
                         "best_val_loss": best_val, "data": data_state, "rng": rngs})
-            t0 = time.time()
-        if iter_num == cfg.max_iters:
+                saved_step = iter_num
+            t0, timed = time.perf_counter(), 0
+        if iter_num >= cfg.max_iters:
             break
 
         # one optimizer step over grad_accum micro-batches; prefetch the next batch while the GPU works
@@ -497,18 +843,22 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        timed += 1
 
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             aux_val = reduce_mean(aux_sum, ddp).item()  # host syncs happen at log time only
             loss_val = reduce_mean(loss_sum, ddp).item() - aux_val  # cross-entropy, comparable across FFNs
             if not math.isfinite(loss_val):
-                raise SystemExit(f"step {iter_num}: training loss is {loss_val}; stopping, "
-                                 f"last good checkpoint kept at {ckpt_path}")
-            dt = (time.time() - t0) / cfg.log_interval
-            t0 = time.time()
+                raise stopping("training loss", loss_val)
+            now = time.perf_counter()
+            dt, t0, timed = (now - t0) / timed, now, 0  # seconds per step, over the steps timed
+            elapsed = now - t_start  # this process's, evaluations included: the ETA extrapolates it
+            eta = elapsed / (iter_num - start_iter) * (cfg.max_iters - iter_num)
             record = {"step": iter_num, "loss": loss_val, "aux_loss": aux_val, "lr": lr, "tokens_per_s": tokens_per_iter / dt,
-                      "grad_norm": None if grad_norm is None else grad_norm.item(), **stats_record(raw_model, ddp)}
-            line = f"step {iter_num}: loss {loss_val:.4f}, aux {aux_val:.4f}, lr {lr:.2e}, {record['tokens_per_s']:,.0f} tok/s"
+                      "grad_norm": None if grad_norm is None else grad_norm.item(), "elapsed_s": elapsed,
+                      **stats_record(raw_model, ddp)}
+            line = (f"step {iter_num}/{cfg.max_iters}: loss {loss_val:.4f}, aux {aux_val:.4f}, lr {lr:.2e}, "
+                    f"{record['tokens_per_s']:,.0f} tok/s, {hms(elapsed)} elapsed, ETA {hms(eta)}")
             if peak:
                 record["mfu"] = flops_tok * tokens_per_iter / dt / peak
                 line += f", MFU {100 * record['mfu']:.1f}%"
@@ -524,5 +874,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError, DataError) as e:  # UsageError, and shard or data errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
