@@ -514,26 +514,53 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
+class Body(io.RawIOBase):
+    """The file f from byte `start` on, as a file of its own: what torch.load reads, without a copy."""
+
+    def __init__(self, f, start):
+        self.f, self.start = f, start
+        f.seek(start)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.f.readinto(buffer)
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        return self.f.seek(pos + self.start if whence == io.SEEK_SET else pos, whence) - self.start
+
+    def tell(self):
+        return self.f.tell() - self.start
+
+
 def load_checkpoint(path):
-    """The dict save_checkpoint wrote, on the CPU, once its SHA-256 matches; a UsageError naming path if not."""
+    """The dict save_checkpoint wrote, on the CPU, once its SHA-256 matches; a UsageError naming path if not.
+    The file is hashed in chunks and then read once by torch.load: memory holds the tensors, not the file."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise UsageError(f"no checkpoint at {path}") from None
     except OSError as e:
         raise UsageError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    head = CKPT_HEADER.fullmatch(data[:CKPT_HEADER_BYTES])
-    if head is None:
-        raise UsageError(f"{path} ({len(data)} bytes) is not a checkpoint of this train.py: empty, damaged, "
-                         f"or written by an older version")
-    body = memoryview(data)[CKPT_HEADER_BYTES:]
-    if len(body) != int(head[2]):
-        raise UsageError(f"{path} is truncated or damaged: {len(body)} bytes after its header, "
-                         f"which says {int(head[2])}")
-    if hashlib.sha256(body).hexdigest() != head[1].decode():
-        raise UsageError(f"{path} is damaged: its contents do not match the checksum written with them")
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = CKPT_HEADER.fullmatch(f.read(CKPT_HEADER_BYTES))
+        if head is None:
+            raise UsageError(f"{path} ({size} bytes) is not a checkpoint of this train.py: empty, damaged, "
+                             f"or written by an older version")
+        if size - CKPT_HEADER_BYTES != int(head[2]):
+            raise UsageError(f"{path} is truncated or damaged: {size - CKPT_HEADER_BYTES} bytes after its "
+                             f"header, which says {int(head[2])}")
+        sha = hashlib.sha256()
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+        if sha.hexdigest() != head[1].decode():
+            raise UsageError(f"{path} is damaged: its contents do not match the checksum written with them")
+        return torch.load(Body(f, CKPT_HEADER_BYTES), map_location="cpu", weights_only=True)
 
 
 def lock_out_dir(out_dir):
