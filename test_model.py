@@ -222,9 +222,9 @@ def test_routing_stats_entropy_against_hand_computation():
 
 # ----------------------------------------------------------------------------- switch / top-2
 
-def moe_case(ffn):
+def moe_case(ffn, **kw):
     """4 tokens whose router logits are set by hand: x[:, :4] = logits, W_r picks those columns."""
-    layer = tiny_model(ffn, n_embd=16, n_head=2).transformer.h[0].mlp
+    layer = tiny_model(ffn, n_embd=16, n_head=2, **kw).transformer.h[0].mlp
     with torch.no_grad():
         layer.W_r.weight.copy_(torch.cat([torch.eye(4), torch.zeros(4, 12)], 1))
     x = torch.randn(4, 16)
@@ -1015,3 +1015,190 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
         train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # written at step 4, before the NaN at step 6
     assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---- FFN registry and the open research directions (issue 11)
+
+# Recorded with /work/main's model.py before the registry, by the same computation as below: the default
+# FFNs must stay bit-identical (same parameter init order and values, same noise draws).
+BEFORE_REGISTRY = {  # ffn: (loss, logits[1, -1, :3], sum |grad W1| of layer 0, sum of all parameters)
+    "dense": (4.5826945304870605, [0.013887088745832443, -0.05675721541047096, 0.07699025422334671],
+              12.741249084472656, 163.48829070851207),
+    "switch": (4.60293436050415, [-0.04560556635260582, -0.05754594877362251, -0.0173189677298069],
+               3.501310348510742, 163.18279123678803),
+    "top2": (4.604064464569092, [-0.042648881673812866, -0.05057494342327118, -0.009007296524941921],
+             9.218091011047363, 163.18279123678803),
+    "inf": (4.6025590896606445, [-0.006124934647232294, -0.013159485533833504, 0.12845948338508606],
+            13.444576263427734, 150.97548807039857),
+}
+
+
+@pytest.mark.parametrize("ffn", list(BEFORE_REGISTRY))
+def test_default_ffns_unchanged_by_the_registry(ffn):
+    net = tiny_model(ffn)
+    idx = torch.arange(24).view(2, 12) * 7 % 97
+    torch.manual_seed(1)
+    logits, loss = net(idx, idx.roll(-1, 1))
+    loss.backward()
+    W1 = net.transformer.h[0].mlp.W1
+    grad = (W1.weight.grad if isinstance(W1, nn.Linear) else W1.grad).abs().sum().item()
+    got = (loss.item(), logits[1, -1, :3].tolist(), grad, sum(p.sum().item() for p in net.parameters()))
+    want = BEFORE_REGISTRY[ffn]
+    for a, b in zip(got, want):  # tolerances only for other CPUs' summation orders
+        torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_old_router_keys_load():
+    """Checkpoints from before the router module (router.weight / router.bias) load into router.net.0."""
+    old = tiny_model("inf", seed=1)
+    sd = {k.replace("router.net.0.", "router."): v for k, v in old.state_dict().items()}
+    assert "transformer.h.0.mlp.router.weight" in sd
+    new = tiny_model("inf", seed=2)
+    new.load_state_dict(sd)
+    for a, b in zip(old.parameters(), new.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_residual_projections_found_by_marker(ffn):
+    net = tiny_model(ffn, n_layer=4)
+    marked = {n for n, p in net.named_parameters() if getattr(p, "residual_proj", False)}
+    assert marked == {f"transformer.h.{i}.{m}" for i in range(4)
+                      for m in ("attn.c_proj.weight", "mlp.W2" if ffn in ("switch", "top2") else "mlp.W2.weight")}
+    for name, p in net.named_parameters():  # GPT-2: std 0.02 / sqrt(2 n_layer) = 0.0071 for those
+        if name in marked:
+            assert abs(p.std().item() / (0.02 / math.sqrt(8)) - 1) < 0.15, name
+
+
+def test_aux_losses_are_summed_from_whichever_layers_have_them():
+    idx = torch.randint(0, 97, (2, 16))
+    for ffn in ("switch", "inf"):
+        net = tiny_model(ffn)
+        torch.manual_seed(1)
+        logits, loss = net(idx, idx)
+        ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+        aux = [b.mlp.aux_loss for b in net.transformer.h if getattr(b.mlp, "aux_loss", None) is not None]
+        assert len(aux) == (2 if ffn == "switch" else 0)
+        torch.testing.assert_close(loss, ce + sum(aux))
+        assert (net.aux_loss is None) == (ffn == "inf")
+
+
+def index_mask(scores, r):
+    """TopN% built by index: the round(r * d_ff) largest scores of each row at their values, the rest 0."""
+    idx = scores.topk(max(1, round(r * scores.shape[-1])), dim=-1).indices
+    return torch.zeros_like(scores).scatter(1, idx, scores.gather(1, idx))
+
+
+def naive_expert(x, z, hidden, W_zs, rs, out, pre):
+    """One expert f(x, z): each hidden layer masked by its own W_z head, then the output layer."""
+    h = x
+    for lin, W_z, r in zip(hidden, W_zs, rs):
+        a, mask = lin(h), index_mask(z @ W_z.t(), r)
+        h = F.gelu(a * mask) if pre else F.gelu(a) * mask
+    return out(h)
+
+
+@pytest.mark.parametrize("flags", [dict(ffn="inf", router_depth=3, router_width=16), dict(ffn="inf", gate="pre"),
+                                   dict(ffn="inf_deep", top_frac2=0.5), dict(ffn="inf_deep", gate="pre")])
+def test_variant_matches_naive_k_pass(flags):
+    """Deep router, pre-activation gate, deep ∞-MoE FFN: the layer equals K separate naive experts."""
+    layer = tiny_model(**flags).transformer.h[0].mlp
+    x, eps = torch.randn(10, 32), torch.randn(3, 10, 8)
+    lins = [m for m in layer.router.net if isinstance(m, nn.Linear)]
+    assert len(lins) == flags.get("router_depth", 1)
+    h = x
+    for lin in lins[:-1]:  # the router MLP by hand: Linear, GELU, ..., Linear
+        h = F.gelu(h @ lin.weight.t() + lin.bias)
+    out = h @ lins[-1].weight.t() + lins[-1].bias
+    mu, sigma = out[:, :8], torch.exp(0.5 * 6 * torch.tanh(out[:, 8:] / 6))
+    deep, pre = flags["ffn"] == "inf_deep", flags.get("gate") == "pre"
+    hidden, W_zs = ([layer.W1, layer.W_mid], [layer.W_z, layer.W_z2]) if deep else ([layer.W1], [layer.W_z])
+    rs = [0.25, flags.get("top_frac2", 0.25)]
+    ref = sum(naive_expert(x, mu + sigma * eps[k], hidden, W_zs, rs, layer.W2, pre) for k in range(3)) / 3
+    torch.testing.assert_close(layer(x, eps=eps), ref, rtol=1e-5, atol=1e-6)
+    n_units = sum(W_z.shape[0] for W_z in W_zs)
+    assert abs(layer.stats["active"].item() * 10 * n_units - sum(
+        (torch.stack([index_mask((mu + sigma * eps[k]) @ W_z.t(), r) for k in range(3)]) != 0).any(0).sum().item()
+        for W_z, r in zip(W_zs, rs))) < 0.5  # the non-zero share of every layer's union of masks
+
+
+def test_mixture_router_matches_weighted_components():
+    """C = 3 Gaussians: y = sum_c pi_c (1/K) sum_k f(x, mu_c + sigma_c eps_k), pi = softmax of the
+    router's first C outputs; pi gets a gradient."""
+    C, K = 3, 2
+    layer = tiny_model("inf", router_mix=C).transformer.h[0].mlp
+    x, eps = torch.randn(10, 32), torch.randn(K, 10, 8)
+    lin = layer.router.net[0]
+    out = x @ lin.weight.t() + lin.bias  # [C mixture logits | mu_0, raw_0 | mu_1, raw_1 | ...]
+    pi = out[:, :C].softmax(-1)
+    ref = 0
+    for c in range(C):
+        o = out[:, C + 16 * c: C + 16 * (c + 1)]
+        mu, sigma = o[:, :8], torch.exp(0.5 * 6 * torch.tanh(o[:, 8:] / 6))
+        for k in range(K):
+            ref = ref + pi[:, c:c + 1] * naive_expert(x, mu + sigma * eps[k], [layer.W1], [layer.W_z], [0.25],
+                                                      layer.W2, False) / K
+    y = layer(x, eps=eps)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    q = pi.mean(0)
+    assert abs(layer.stats["mix_entropy"].item() - (-(q * q.log()).sum() / math.log(C)).item()) < 1e-6
+    (y * torch.randn_like(y)).sum().backward()
+    assert lin.weight.grad[:C].abs().sum() > 0 and lin.bias.grad[:C].abs().sum() > 0  # the weights learn
+
+
+@pytest.mark.parametrize("ffn", ["switch", "top2"])
+def test_aux_loss_free_balancing_by_hand(ffn):
+    """DeepSeek-V3: experts chosen by top-k of p + b, weighted by p; after a step b_i += gamma sign(1/E - f_i)."""
+    layer, x = moe_case(ffn, balance="bias", balance_rate=0.1)
+    b = [-1.0, 0.0, 0.0, 0.5]
+    with torch.no_grad():
+        layer.balance_bias.copy_(torch.tensor(b))
+    y = layer(x)
+    logits = x[:, :4].tolist()
+    k = 1 if ffn == "switch" else 2
+    counts = [0] * 4
+    for t in range(4):
+        p = softmax_row(logits[t])
+        chosen = sorted(range(4), key=lambda e: -(p[e] + b[e]))[:k]
+        w = [p[e] / (sum(p[c] for c in chosen) if k == 2 else 1.0) for e in chosen]
+        torch.testing.assert_close(y[t], sum(wi * expert(layer, e, x[t]) for wi, e in zip(w, chosen)),
+                                   rtol=1e-5, atol=1e-6)
+        for e in chosen:
+            counts[e] += 1
+    assert counts[3] >= 3  # the bias moved tokens: without it expert 3 gets none (switch) or one (top2)
+    f = [n / (4 * k) for n in counts]
+    torch.testing.assert_close(layer.stats["load"], torch.tensor(f))
+    zl = 0.001 * sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in logits) / 4
+    assert abs(layer.aux_loss.item() - zl) < 1e-6  # no balancing loss in the gradient
+    layer.after_step()
+    sign = lambda v: (v > 0) - (v < 0)
+    torch.testing.assert_close(layer.balance_bias, torch.tensor([bi + 0.1 * sign(0.25 - fi) for bi, fi in zip(b, f)]))
+    assert "balance_bias" in layer.state_dict() and not any(p is layer.balance_bias for p in layer.parameters())
+
+
+def test_variants_with_the_kernel(recwarn):
+    """Deep and mixture routers change only z: the Triton kernel runs them and matches the PyTorch path.
+    gate=pre and inf_deep fall back to the PyTorch path with a warning saying why."""
+    x, eps = torch.randn(9, 32), torch.randn(2, 9, 8)
+    for flags in (dict(router_depth=2), dict(router_mix=2), dict(gate="pre"), dict(ffn="inf_deep")):
+        flags = {"ffn": "inf", **flags}
+        ref = tiny_model(**flags, use_kernel="off").transformer.h[0].mlp(x, eps=eps)
+        assert not recwarn.list
+        fused = tiny_model(**flags, use_kernel="on").transformer.h[0].mlp(x, eps=eps)
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+        falls_back = flags.get("gate") == "pre" or flags["ffn"] == "inf_deep"
+        said = [str(w.message) for w in recwarn.list]
+        assert len(said) == falls_back and all("running the PyTorch path" in s for s in said), said
+        recwarn.clear()
+
+
+def test_train_with_aux_loss_free_balancing(shards, tmp_path):
+    """train.py calls after_step: the checkpoint holds the bias, a sum of +-gamma steps, and the log the load."""
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=switch", "--balance=bias", "--balance_rate=0.01", "--max_iters=3",
+                        "--eval_interval=3"))
+    bias = torch.load(out / "ckpt.pt", weights_only=False)["model"]["transformer.h.0.mlp.balance_bias"]
+    steps = bias / 0.01
+    assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
+    assert len(read_log(out)[-2]["load"]) == 4

@@ -495,6 +495,7 @@ def main(argv=None):
                 aux_sum += raw_model.aux_loss / grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         optimizer.step()
+        raw_model.after_step()  # FFN state updated outside the gradient (aux-loss-free balancing)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
 
