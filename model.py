@@ -35,14 +35,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     ffn: str = "dense"          # a name in FFNS: dense | switch | top2 | inf | inf_deep
-    d_ff_mult: int = 0          # FFN hidden width (the whole expert space) in units of n_embd; 0: the FFN's
-                                # default (dense 4, switch/top2/inf 8, inf_deep 4 per hidden layer)
+    d_ff_mult: int = 0          # FFN hidden width (the whole expert space) in units of n_embd; 0: the
+                                # FFN's default (dense 4, switch/top2/inf 8, inf_deep 4 per hidden layer)
     # discrete MoE (switch, top2)
     n_expert: int = 4
     moe_top_k: int = 0            # experts per token; 0: 1 for switch, 2 for top2 (changeable at inference)
     aux_loss_coef: float = 0.01   # alpha, Switch load-balancing loss
     z_loss_coef: float = 0.001    # beta, router z-loss
-    balance: str = "loss"         # loss: Switch's aux loss | bias: DeepSeek-V3's aux-loss-free expert bias
+    balance: str = "loss"         # loss: Switch's aux loss | bias: DeepSeek-V3's aux-loss-free bias
     balance_rate: float = 1e-3    # gamma: the bias step per optimizer step (balance=bias)
     # ∞-MoE
     d_z: int = 128              # dimension of the continuous expert index z
@@ -67,7 +67,7 @@ class GPTConfig:
         if not 0.0 < self.top_frac <= 1.0:
             raise ValueError(f"GPTConfig.top_frac={self.top_frac}: must be in (0, 1]")
         if not 0.0 <= self.top_frac2 <= 1.0:
-            raise ValueError(f"GPTConfig.top_frac2={self.top_frac2}: must be in (0, 1], or 0 for top_frac")
+            raise ValueError(f"GPTConfig.top_frac2={self.top_frac2}: must be in (0, 1], or 0: top_frac")
         if self.z_samples < 1:
             raise ValueError(f"GPTConfig.z_samples={self.z_samples}: need at least one sample")
         if self.use_kernel not in ("auto", "on", "off"):
@@ -104,7 +104,7 @@ def compute_dtype(x):
 
 
 def residual(p):
-    """Mark p as a projection into the residual stream: GPT scales its init by 1/sqrt(2 n_layer) (GPT-2)."""
+    """Mark p as a projection into the residual stream: GPT-2 scales its init by 1/sqrt(2 n_layer)."""
     p.residual_proj = True
     return p
 
@@ -242,15 +242,15 @@ class TopKMoE(nn.Module):
         if self.config.balance != "bias" or "load" not in self.stats:
             return
         f = self.stats["load"]
-        if dist.is_initialized():  # the load of all ranks, so every rank keeps the same bias
+        if dist.is_available() and dist.is_initialized():  # all ranks' load: one bias everywhere
             f = f.clone()
             dist.all_reduce(f)
         self.balance_bias += self.config.balance_rate * torch.sign(f.mean() - f)
 
     def active_params(self):
         """The router and experts_per_token of the n_expert experts."""
-        expert = sum(p.numel() for p in (self.W1, self.W2, self.b1, self.b2) if p is not None) // self.n_expert
-        return self.W_r.weight.numel() + self.experts_per_token() * expert
+        experts = sum(p.numel() for p in (self.W1, self.W2, self.b1, self.b2) if p is not None)
+        return self.W_r.weight.numel() + self.experts_per_token() * experts // self.n_expert
 
 
 class Top2MoE(TopKMoE):
@@ -259,7 +259,7 @@ class Top2MoE(TopKMoE):
 
 
 def averaged_topk_mask(z, W_z, top_frac):
-    """M = (1/K) sum_k TopN%(W_z z_k), keeping the kept scores at their own values (arXiv 2601.17680 Sec. 3.2).
+    """M = (1/K) sum_k TopN%(W_z z_k), the kept scores at their own values (arXiv 2601.17680 Sec. 3.2).
 
     z: (K, N, d_z) float32. Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
     Tie rule (shared with kernel.py): keep every score >= the n_keep-th largest of its row.
@@ -278,7 +278,7 @@ def averaged_topk_mask(z, W_z, top_frac):
 
 
 def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
-    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (arXiv 2601.17680 Sec. 3.2; one W1/W2 pass for all K).
+    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (arXiv 2601.17680 Sec. 3.2), one pass for all K.
 
     Same signature and result as kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32.
     Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
@@ -316,9 +316,10 @@ def masked_mlp(x, layers, W_zs, z, top_fracs, pre_gate):
     for k in range(z.shape[0]):
         h = x
         for l, (layer, W_z, r) in enumerate(zip(hidden, W_zs, top_fracs)):
-            with torch.autocast(x.device.type, enabled=False):  # mask scores in float32, as the paper's path
+            with torch.autocast(x.device.type, enabled=False):  # mask scores in float32, as InfMoE
                 M, keep = topk_keep(z[k] @ W_z.float().t(), keep_count(r, W_z.shape[0]))
-            a = F.linear(h, layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+            b = None if layer.bias is None else layer.bias.to(x.dtype)
+            a = F.linear(h, layer.weight.to(x.dtype), b)
             M = M.to(a.dtype)
             h = F.gelu(a * M) if pre_gate else F.gelu(a) * M
             counts[l] += keep.sum(0, dtype=torch.float32)
@@ -399,7 +400,7 @@ class InfMoE(nn.Module):
         super().__init__()
         self.config = config  # shared with GPT, so z_samples / z_deterministic can change at inference
         d, d_ff, d_z = config.n_embd, config.d_ff, config.d_z
-        self.router = (MixtureRouter if config.router_mix > 1 else GaussianRouter)(config)  # -> mu, logvar
+        self.router = (MixtureRouter if config.router_mix > 1 else GaussianRouter)(config)
         # mask scores m = W_z z. With z ~ N(mu, sigma^2 ≈ 1) at init the scores have unit variance, so a
         # kept top-25% score has RMS ≈ 1.36 and the 2d kept units give the output scale of dense GPT-2's
         # 4d units with mask 1 (E[sum m^2] ≈ 2d * 1.86 ≈ 4d): step-0 loss and activations match dense.
@@ -429,7 +430,7 @@ class InfMoE(nn.Module):
                 eps = torch.zeros(1, N, d_z, device=x.device)      # z = mu
             else:
                 eps = torch.randn(self.config.z_samples, N, d_z, device=x.device)
-            if mu.dim() == 3:                                            # every component gets each eps_k
+            if mu.dim() == 3:                                     # every component gets each eps_k
                 eps = eps[:, None]
             z = (mu + sigma * eps).reshape(-1, N, d_z)                   # z_k = mu + sigma ⊙ eps_k
 
@@ -438,9 +439,9 @@ class InfMoE(nn.Module):
         # routing statistics of this batch, kept on the device (train.py reads them when it logs)
         q = counts / counts.sum()
         self.stats = {
-            "entropy": -(q * q.clamp_min(1e-30).log()).sum().detach() / math.log(q.numel()),  # H~(q), Sec. 5.4
+            "entropy": -(q * q.clamp_min(1e-30).log()).sum().detach() / math.log(q.numel()),  # H~(q)
             "sigma": sigma.mean().detach(),
-            "active": n_active / (x.shape[0] * q.numel()),           # non-zero share of the averaged mask
+            "active": n_active / (x.shape[0] * q.numel()),   # non-zero share of the averaged mask
             **self.router.stats,
         }
         return y.view(shape)
@@ -450,7 +451,7 @@ class InfMoE(nn.Module):
         puts the mask inside GELU, which does not commute with the average: one pass per sample."""
         if self.config.gate == "pre":
             self.without_kernel(x, "gate=pre")
-            return masked_mlp(x, [self.W1, self.W2], [self.W_z], z, [self.config.top_frac], pre_gate=True)
+            return masked_mlp(x, [self.W1, self.W2], [self.W_z], z, [self.config.top_frac], True)
         ffn = inf_ffn_reference
         if self.use_kernel(x):
             from kernel import inf_ffn as ffn
@@ -477,7 +478,7 @@ class DeepInfMoE(InfMoE):
     """∞-MoE over two masked hidden layers driven by one z, a W_z and a top fraction r per layer (the
     "shared z, per-layer heads" extension; not in the paper):
 
-      y = W2 (Act(W_mid (Act(W1 x) ⊙ M1) ⊙ M2)),  M_l = TopN%_{r_l}(W_z,l z),  averaged over K samples
+      y = W2 (Act(W_mid (Act(W1 x) ⊙ M1)) ⊙ M2),  M_l = TopN%_{r_l}(W_z,l z),  averaged over K samples
 
     Stacked masks compound: a sample uses about r1 * r2 of W_mid (6% at r = 25% for both), so the
     second layer's r (top_frac2) defaults to the first's and is best kept larger. Both hidden layers
@@ -502,7 +503,8 @@ class DeepInfMoE(InfMoE):
         u1, u2 = (min(c.d_ff, samples * keep_count(r, c.d_ff)) for r in self.top_fracs)
         d, b, n = c.n_embd, int(c.bias), c.d_ff
         masked = n * (d + b) + n * n + n * b + n * d          # W1 and b1, W_mid and b_mid, W2
-        return sum(p.numel() for p in self.parameters()) - masked + u1 * (d + b) + u1 * u2 + u2 * b + u2 * d
+        active = u1 * (d + b) + u1 * u2 + u2 * b + u2 * d
+        return sum(p.numel() for p in self.parameters()) - masked + active
 
 
 # --ffn name -> FFN class. A new FFN: one class (see the top of this section) and one line here.
@@ -541,7 +543,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.aux_loss = None  # the last forward's summed FFN aux losses (switch/top2), detached, for logging
+        self.aux_loss = None  # the last forward's summed FFN aux losses (switch/top2), detached
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections
@@ -572,7 +574,8 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        aux = [b.mlp.aux_loss for b in self.transformer.h if getattr(b.mlp, "aux_loss", None) is not None]
+        aux = [getattr(block.mlp, "aux_loss", None) for block in self.transformer.h]
+        aux = [a for a in aux if a is not None]
         if aux:  # each MoE layer adds its own aux loss (Switch convention)
             aux = sum(aux)
             self.aux_loss = aux.detach()
@@ -580,7 +583,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def after_step(self):
-        """Call after each optimizer.step(): FFNs that update state outside the gradient (balance=bias)."""
+        """Call after each optimizer.step(): FFN state updated outside the gradient (balance=bias)."""
         for block in self.transformer.h:
             if hasattr(block.mlp, "after_step"):
                 block.mlp.after_step()
@@ -612,7 +615,8 @@ class GPT(nn.Module):
         out; we keep them so the numbers add up)."""
         total = sum(p.numel() for p in self.parameters())
         ffns = [block.mlp for block in self.transformer.h]
-        active = total - sum(p.numel() for f in ffns for p in f.parameters()) + sum(f.active_params() for f in ffns)
+        ffn_total = sum(p.numel() for f in ffns for p in f.parameters())
+        active = total - ffn_total + sum(f.active_params() for f in ffns)
         return total, active
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
