@@ -810,7 +810,7 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
     seen_K, real = [], model_py.inf_ffn_reference
     monkeypatch.setattr(model_py, "inf_ffn_reference", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
     enc = get_tokenizer()
-    for K, deterministic in ((1, False), (4, False), (2, True)):
+    for K, deterministic in ((4, False), (2, True)):
         net.set_sampling(z_samples=K, z_deterministic=deterministic)
         seen_K.clear()
         rng = torch.get_rng_state()
@@ -824,8 +824,8 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
         total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
         assert r["correct"] == (total.argmax(1) == labels).sum().item()
         assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
-    runs = [hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=k, progress=False) for k in (1, 8)]
-    assert runs[0] == runs[1] == r  # z = mu: reproducible, whatever the batching
+    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1, progress=False) == r  # z = mu:
+    # reproducible, whatever the batching
 
 
 def test_missing_file(tmp_path):
@@ -1178,10 +1178,10 @@ def test_aux_loss_free_balancing_by_hand(ffn):
 
 
 def test_variants_with_the_kernel(recwarn):
-    """Deep and mixture routers change only z: the Triton kernel runs them and matches the PyTorch path.
-    gate=pre and inf_deep fall back to the PyTorch path with a warning saying why."""
+    """Router variants change only z (here: K * C samples of a mixture): the Triton kernel runs them and
+    matches the PyTorch path. gate=pre and inf_deep fall back to the PyTorch path with a warning saying why."""
     x, eps = torch.randn(9, 32), torch.randn(2, 9, 8)
-    for flags in (dict(router_depth=2), dict(router_mix=2), dict(gate="pre"), dict(ffn="inf_deep")):
+    for flags in (dict(router_mix=2, router_depth=2), dict(gate="pre"), dict(ffn="inf_deep")):
         flags = {"ffn": "inf", **flags}
         ref = tiny_model(**flags, use_kernel="off").transformer.h[0].mlp(x, eps=eps)
         assert not recwarn.list
