@@ -1,19 +1,26 @@
 """
-GPT-2 with one switch for its feed-forward layer (GPTConfig.ffn):
+GPT-2 with one switch for its feed-forward layer (GPTConfig.ffn, a name in FFNS):
 
-  dense   GPT-2's MLP, hidden 4d
-  switch  Switch Transformer: 4 experts of width 2d, top-1 routing
-  top2    GShard/Mixtral-style: 4 experts of width 2d, top-2 routing
-  inf     ∞-MoE (arXiv 2601.17680): a continuous expert index z ~ N(mu(x), diag sigma^2(x))
-          selects a "partly soft" top-N% mask over a d_ff = 8d hidden layer
+  dense     GPT-2's MLP, hidden 4d
+  switch    Switch Transformer: 4 experts of width 2d, top-1 routing
+  top2      GShard/Mixtral-style: 4 experts of width 2d, top-2 routing
+  inf       ∞-MoE (arXiv 2601.17680): a continuous expert index z ~ N(mu(x), diag sigma^2(x))
+            selects a "partly soft" top-N% mask over a d_ff = 8d hidden layer
+  inf_deep  ∞-MoE over two masked hidden layers of 4d, one z, a W_z and a top fraction per layer
+
+and flags for the paper's open directions, off by default: a deeper router (router_depth), a
+mixture-of-Gaussians router (router_mix), the mask before the activation (gate=pre), and
+DeepSeek-V3's aux-loss-free balancing for switch/top2 (balance=bias).
 
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -27,45 +34,58 @@ class GPTConfig:
     n_embd: int = 768             # d, the residual stream width
     dropout: float = 0.0          # on embeddings, attention and residual branches; 0 for pretraining
     bias: bool = True             # biases in Linear layers and LayerNorms, as in GPT-2
-    ffn: str = "dense"          # dense | switch | top2 | inf
+    ffn: str = "dense"          # a name in FFNS: dense | switch | top2 | inf | inf_deep
+    d_ff_mult: int = 0          # FFN hidden width / n_embd; 0: the FFN's default (dense 4, MoEs 8)
     # discrete MoE (switch, top2)
     n_expert: int = 4             # experts of width d_ff / n_expert
     moe_top_k: int = 0            # experts per token; 0: 1 for switch, 2 for top2 (changeable at inference)
     aux_loss_coef: float = 0.01   # alpha, Switch load-balancing loss
     z_loss_coef: float = 0.001    # beta, router z-loss
+    balance: str = "loss"         # loss: Switch's aux loss | bias: DeepSeek-V3's aux-loss-free bias
+    balance_rate: float = 1e-3    # gamma: the bias step per optimizer step (balance=bias)
     # ∞-MoE
     d_z: int = 128              # dimension of the continuous expert index z
     top_frac: float = 0.25      # r: fraction of the d_ff hidden units each sample keeps
     z_samples: int = 2          # K: Monte-Carlo samples of z per token (changeable at inference)
     z_deterministic: bool = False  # use z = mu (no noise): reproducible evaluation and sampling
     use_kernel: str = "auto"    # Triton kernel for ffn=inf: auto (CUDA tensors) | on | off
+    # ∞-MoE variants beyond the paper; the defaults are the paper's method
+    router_depth: int = 1       # linear layers of the router MLP (1: the paper's linear router)
+    router_width: int = 0       # hidden width of a deeper router (0: n_embd)
+    router_mix: int = 1         # C: Gaussian components of the router (1: the paper's one Gaussian)
+    gate: str = "post"          # post: W2 (Act(W1 x) ⊙ M), the paper | pre: W2 Act((W1 x) ⊙ M)
+    top_frac2: float = 0.0      # inf_deep: r of the second masked layer (0: top_frac)
 
     def __post_init__(self):
-        if self.ffn not in ("dense", "switch", "top2", "inf"):
-            raise ValueError(f"GPTConfig.ffn={self.ffn!r}: expected dense, switch, top2 or inf")
+        if self.ffn not in FFNS:
+            raise ValueError(f"GPTConfig.ffn={self.ffn!r}: expected one of {', '.join(FFNS)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.d_ff_mult < 0:
+            raise ValueError(f"GPTConfig.d_ff_mult={self.d_ff_mult}: must be >= 0 (0: the FFN's default)")
         if not 0.0 < self.top_frac <= 1.0:
             raise ValueError(f"GPTConfig.top_frac={self.top_frac}: must be in (0, 1]")
+        if not 0.0 <= self.top_frac2 <= 1.0:
+            raise ValueError(f"GPTConfig.top_frac2={self.top_frac2}: must be in (0, 1], or 0: top_frac")
         if self.z_samples < 1:
             raise ValueError(f"GPTConfig.z_samples={self.z_samples}: need at least one sample")
         if self.use_kernel not in ("auto", "on", "off"):
             raise ValueError(f"GPTConfig.use_kernel={self.use_kernel!r}: expected auto, on or off")
-        if self.ffn in ("switch", "top2"):
-            if not 1 <= self.experts_per_token <= self.n_expert:
-                raise ValueError(f"GPTConfig: n_expert={self.n_expert}, moe_top_k={self.moe_top_k} do not allow "
-                                 f"{self.experts_per_token} experts per token for ffn={self.ffn}")
-            if self.n_embd % 8:  # grouped_mm wants 16-byte aligned rows (bf16: multiples of 8)
-                raise ValueError(f"GPTConfig.n_embd={self.n_embd}: switch/top2 need a multiple of 8")
+        if self.router_depth < 1 or self.router_mix < 1 or self.router_width < 0:
+            raise ValueError(f"GPTConfig: router_depth={self.router_depth}, router_mix={self.router_mix} "
+                             f"must be >= 1 and router_width={self.router_width} >= 0")
+        if self.gate not in ("post", "pre"):
+            raise ValueError(f"GPTConfig.gate={self.gate!r}: expected post or pre")
+        if self.balance not in ("loss", "bias"):
+            raise ValueError(f"GPTConfig.balance={self.balance!r}: expected loss or bias")
+        check = getattr(FFNS[self.ffn], "check_config", None)  # an FFN's own constraints, if it has any
+        if check:
+            check(self)
 
     @property
     def d_ff(self):
         """Width of the FFN's whole hidden (expert) space."""
-        return {"dense": 4, "switch": 8, "top2": 8, "inf": 8}[self.ffn] * self.n_embd
-
-    @property
-    def experts_per_token(self):
-        return self.moe_top_k or (1 if self.ffn == "switch" else 2)
+        return (self.d_ff_mult or FFNS[self.ffn].d_ff_mult) * self.n_embd
 
     @property
     def n_keep(self):
@@ -82,6 +102,12 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def residual(p):
+    """Mark p as a projection into the residual stream: GPT-2 scales its init by 1/sqrt(2 n_layer)."""
+    p.residual_proj = True
+    return p
+
+
 # ----------------------------------------------------------------------------- attention
 
 class CausalSelfAttention(nn.Module):
@@ -89,6 +115,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        residual(self.c_proj.weight)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
@@ -102,26 +129,50 @@ class CausalSelfAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- FFNs
+# Every FFN class states d_ff_mult (its default hidden width / n_embd) and active_params() (the
+# parameters one token multiplies with: num_params and MFU add them up); it may set self.aux_loss
+# (added to the loss), self.stats (logged), after_step() (called after each optimizer step) and
+# check_config(config). Its output projection is marked with residual(). FFNS, below, names them.
 
 class DenseFFN(nn.Module):
     """GPT-2's MLP: W2 GELU(W1 x)."""
+    d_ff_mult = 4
 
     def __init__(self, config):
         super().__init__()
         self.W1 = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.W2 = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        residual(self.W2.weight)
         self.stats = {}
 
     def forward(self, x):
         return self.W2(F.gelu(self.W1(x)))
 
+    def active_params(self):
+        return sum(p.numel() for p in self.parameters())
+
 
 class TopKMoE(nn.Module):
-    """Discrete MoE, dropless: top-1 (Switch) or top-2 routing over n_expert FFNs of width d_ff / n_expert.
+    """Switch Transformer, dropless: top-1 routing over n_expert FFNs of width d_ff / n_expert, the
+    output scaled by the raw router probability p_e.
 
     Tokens are sorted by expert and run through grouped GEMMs whose group offsets stay on the
     device, so there is no host sync and no capacity: every (token, slot) is computed.
+    balance=bias (DeepSeek-V3, arXiv 2412.19437 Sec. 2.1.2): instead of the aux loss, a per-expert
+    bias b is added to p to choose the experts (not to weigh them); after each optimizer step
+    b_i += gamma * sign(mean load - load_i). b gets no gradient; it is a buffer, so it is checkpointed.
     """
+    d_ff_mult = 8
+    top_k, renormalise = 1, False
+
+    @classmethod
+    def check_config(cls, config):
+        k = config.moe_top_k or cls.top_k
+        if not 1 <= k <= config.n_expert:
+            raise ValueError(f"GPTConfig: n_expert={config.n_expert}, moe_top_k={config.moe_top_k} do not "
+                             f"allow {k} experts per token for ffn={config.ffn}")
+        if config.n_embd % 8:  # grouped_mm wants 16-byte aligned rows (bf16: multiples of 8)
+            raise ValueError(f"GPTConfig.n_embd={config.n_embd}: switch/top2 need a multiple of 8")
 
     def __init__(self, config):
         super().__init__()
@@ -133,18 +184,28 @@ class TopKMoE(nn.Module):
         self.W2 = nn.Parameter(torch.randn(E, h, d) * 0.02)
         self.b1 = nn.Parameter(torch.zeros(E, h)) if config.bias else None
         self.b2 = nn.Parameter(torch.zeros(E, d)) if config.bias else None
+        residual(self.W2)
+        if config.balance == "bias":
+            self.register_buffer("balance_bias", torch.zeros(E))
         self.aux_loss = None
         self.stats = {}
 
+    def experts_per_token(self):
+        return self.config.moe_top_k or self.top_k
+
     def forward(self, x):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        N, E, k = x.shape[0], self.n_expert, self.config.experts_per_token
+        N, E, k = x.shape[0], self.n_expert, self.experts_per_token()
         with torch.autocast(x.device.type, enabled=False):  # router math in float32
             logits = F.linear(x.float(), self.W_r.weight.float())
             p = logits.softmax(dim=-1)
-        top_p, top_e = p.topk(k, dim=-1)                       # (N, k)
-        if self.config.ffn == "top2":
-            top_p = top_p / top_p.sum(-1, keepdim=True)     # top2: renormalised; switch: the raw p_e
+        if self.config.balance == "bias":  # the bias chooses the experts; p alone weighs them
+            top_e = (p + self.balance_bias).topk(k, dim=-1).indices
+            top_p = p.gather(-1, top_e)
+        else:
+            top_p, top_e = p.topk(k, dim=-1)                   # (N, k)
+        if self.renormalise:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
 
         # group the N*k (token, slot) assignments by expert
         flat_e = top_e.flatten()
@@ -170,13 +231,34 @@ class TopKMoE(nn.Module):
         P = p.mean(0)
         lb_loss = self.alpha * E * (f * P).sum()
         z_loss = self.beta * torch.logsumexp(logits, dim=-1).square().mean()
-        self.aux_loss = lb_loss + z_loss
+        self.aux_loss = z_loss if self.config.balance == "bias" else lb_loss + z_loss
         self.stats = {"load": f.detach(), "lb_loss": lb_loss.detach(), "z_loss": z_loss.detach()}
         return y.view(shape)
 
+    @torch.no_grad()
+    def after_step(self):
+        """balance=bias: nudge each expert's bias toward equal load, from the last batch's load f."""
+        if self.config.balance != "bias" or "load" not in self.stats:
+            return
+        f = self.stats["load"]
+        if dist.is_available() and dist.is_initialized():  # all ranks' load: one bias everywhere
+            f = f.clone()
+            dist.all_reduce(f)
+        self.balance_bias += self.config.balance_rate * torch.sign(f.mean() - f)
+
+    def active_params(self):
+        """The router and experts_per_token of the n_expert experts."""
+        experts = sum(p.numel() for p in (self.W1, self.W2, self.b1, self.b2) if p is not None)
+        return self.W_r.weight.numel() + self.experts_per_token() * experts // self.n_expert
+
+
+class Top2MoE(TopKMoE):
+    """GShard/Mixtral-style: top-2 routing, the two probabilities renormalised to sum to 1."""
+    top_k, renormalise = 2, True
+
 
 def averaged_topk_mask(z, W_z, top_frac):
-    """M = (1/K) sum_k TopN%(W_z z_k), keeping the kept scores at their own values (SPEC steps 3-4).
+    """M = (1/K) sum_k TopN%(W_z z_k), the kept scores at their own values (arXiv 2601.17680 Sec. 3.2).
 
     z: (K, N, d_z) float32. Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
     Tie rule (shared with kernel.py): keep every score >= the n_keep-th largest of its row.
@@ -195,7 +277,7 @@ def averaged_topk_mask(z, W_z, top_frac):
 
 
 def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
-    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (SPEC steps 5-6, one W1/W2 pass for all K).
+    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (arXiv 2601.17680 Sec. 3.2), one pass for all K.
 
     Same signature and result as kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32.
     Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
@@ -207,21 +289,124 @@ def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
     return y, counts.detach(), (M != 0).sum(dtype=torch.float32).detach()
 
 
+def topk_keep(m, n_keep):
+    """TopN%(m) of one sample: the n_keep largest scores of each row at their own values, the rest 0,
+    with averaged_topk_mask's tie rule. Returns the mask and which entries it keeps."""
+    keep = m >= m.detach().topk(n_keep, dim=-1).values[:, -1:]
+    return torch.where(keep, m, 0.0), keep
+
+
+def masked_mlp(x, layers, W_zs, z, top_fracs, pre_gate):
+    """∞-MoE FFN one sample at a time, for the variants whose mask does not commute with the average
+    over samples (so the one-pass inf_ffn_reference does not apply):
+
+      h_0 = x,  h_l = Act(W_l h_{l-1} + b_l) ⊙ M_l   (pre_gate: Act((W_l h_{l-1} + b_l) ⊙ M_l)),
+      M_l = TopN%_{r_l}(W_z,l z_k),  y = (1/K) sum_k W_out h_{L,k} + b_out
+
+    x: (N, d) in the compute dtype; layers: the L masked nn.Linear and the output one; z: (K, N, d_z)
+    float32. Returns y, counts (the selections of all L layers' units, concatenated) and n_active (the
+    non-zeros of the union of the masks), detached, as inf_ffn_reference. Keeps K * L (N, d_ff) tensors
+    for backward: the price of a mask that cannot be averaged first.
+    """
+    *hidden, out = layers
+    counts = [torch.zeros(W_z.shape[0], device=x.device) for W_z in W_zs]
+    union = [torch.zeros(x.shape[0], W_z.shape[0], dtype=torch.bool, device=x.device) for W_z in W_zs]
+    y = 0.0
+    for k in range(z.shape[0]):
+        h = x
+        for l, (layer, W_z, r) in enumerate(zip(hidden, W_zs, top_fracs)):
+            with torch.autocast(x.device.type, enabled=False):  # mask scores in float32, as InfMoE
+                M, keep = topk_keep(z[k] @ W_z.float().t(), keep_count(r, W_z.shape[0]))
+            b = None if layer.bias is None else layer.bias.to(x.dtype)
+            a = F.linear(h, layer.weight.to(x.dtype), b)
+            M = M.to(a.dtype)
+            h = F.gelu(a * M) if pre_gate else F.gelu(a) * M
+            counts[l] += keep.sum(0, dtype=torch.float32)
+            union[l] |= M != 0
+        y = y + F.linear(h, out.weight.to(x.dtype))
+    y = y / z.shape[0]
+    if out.bias is not None:
+        y = y + out.bias.to(x.dtype)
+    n_active = sum(u.sum(dtype=torch.float32) for u in union)
+    return y, torch.cat(counts).detach(), n_active.detach()
+
+
+class GaussianRouter(nn.Module):
+    """The paper's router (Sec. 3.2): x -> (mu, log sigma^2) of p(z|x) = N(mu(x), diag sigma^2(x)).
+
+    A "small neural network": router_depth linear layers with GELU between, hidden router_width
+    (depth 1: the linear map the paper's results use). log sigma^2 is bounded smoothly to (-6, 6):
+    sigma in (0.05, 20), safe in bf16, never 0 or inf.
+    """
+    LOGVAR_BOUND = 6.0
+
+    def __init__(self, config, n_out=None):
+        super().__init__()
+        width = config.router_width or config.n_embd
+        dims = [config.n_embd] + [width] * (config.router_depth - 1) + [n_out or 2 * config.d_z]
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b, bias=config.bias), nn.GELU()]
+        self.net = nn.Sequential(*layers[:-1])
+        self.stats = {}
+
+    def bound(self, raw):
+        return self.LOGVAR_BOUND * torch.tanh(raw / self.LOGVAR_BOUND)
+
+    def forward(self, x):
+        mu, raw = self.net(x).chunk(2, dim=-1)
+        return mu, self.bound(raw)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        for name in ("weight", "bias"):  # checkpoints from when the router was one nn.Linear
+            if prefix + name in state_dict:
+                state_dict[prefix + "net.0." + name] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class MixtureRouter(GaussianRouter):
+    """p(z|x) = sum_c pi_c(x) N(mu_c(x), diag sigma_c^2(x)): C Gaussians, weights from x (the paper's
+    future work, Sec. 6.2). Reparameterisation: the per-component expectation, E[f] = sum_c pi_c
+    E_{N_c}[f], one z_c = mu_c + sigma_c eps per component, so pi gets an exact gradient through its
+    weights (no sampled component index, no Gumbel-softmax relaxation).
+
+    The weighting costs nothing extra: TopN% is positively homogeneous, TopN%(W_z (a z)) = a TopN%(W_z z)
+    for a > 0, so weighting component c's mask by pi_c equals scaling its z by pi_c. The router returns C
+    Gaussians scaled by C pi_c, (C, N, d_z) each; their plain average over c is the pi-weighted mixture,
+    and the one-pass FFN (and the kernel) runs on the K * C samples unchanged.
+    """
+
+    def __init__(self, config):
+        super().__init__(config, n_out=config.router_mix * (1 + 2 * config.d_z))
+        self.C = config.router_mix
+
+    def forward(self, x):
+        out = self.net(x)
+        log_pi = out[:, :self.C].log_softmax(dim=-1)                  # (N, C)
+        mu, raw = out[:, self.C:].view(len(x), self.C, -1).transpose(0, 1).chunk(2, dim=-1)
+        log_a = (math.log(self.C) + log_pi).t()[..., None]            # log(C pi_c), (C, N, 1)
+        pi = log_pi.exp().mean(0)
+        self.stats = {"mix_entropy": -(pi * pi.clamp_min(1e-30).log()).sum().detach() / math.log(self.C)}
+        return mu * log_a.exp(), self.bound(raw) + 2 * log_a          # a mu, log (a sigma)^2
+
+
 class InfMoE(nn.Module):
     """∞-MoE FFN: Gaussian router over a continuous expert space, K samples, one masked FFN pass."""
-    LOGVAR_BOUND = 6.0  # log sigma^2 in (-6, 6): sigma in (0.05, 20), safe in bf16, never 0 or inf
+    d_ff_mult = 8
+    LOGVAR_BOUND = GaussianRouter.LOGVAR_BOUND
 
     def __init__(self, config):
         super().__init__()
         self.config = config  # shared with GPT, so z_samples / z_deterministic can change at inference
         d, d_ff, d_z = config.n_embd, config.d_ff, config.d_z
-        self.router = nn.Linear(d, 2 * d_z, bias=config.bias)   # -> (mu, raw log sigma^2)
+        self.router = (MixtureRouter if config.router_mix > 1 else GaussianRouter)(config)
         # mask scores m = W_z z. With z ~ N(mu, sigma^2 ≈ 1) at init the scores have unit variance, so a
         # kept top-25% score has RMS ≈ 1.36 and the 2d kept units give the output scale of dense GPT-2's
         # 4d units with mask 1 (E[sum m^2] ≈ 2d * 1.86 ≈ 4d): step-0 loss and activations match dense.
         self.W_z = nn.Parameter(torch.randn(d_ff, d_z) / math.sqrt(d_z))
         self.W1 = nn.Linear(d, d_ff, bias=config.bias)
         self.W2 = nn.Linear(d_ff, d, bias=config.bias)
+        residual(self.W2.weight)
         self.stats = {}
 
     def use_kernel(self, x):
@@ -232,39 +417,97 @@ class InfMoE(nn.Module):
         """x: (..., d). eps: optional fixed N(0, I) noise (K, *x.shape[:-1], d_z); K is read from it."""
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):  # router math in float32
-            mu, raw = F.linear(x.float(), self.router.weight.float(),
-                               None if self.router.bias is None else self.router.bias.float()).chunk(2, dim=-1)
-            logvar = self.LOGVAR_BOUND * torch.tanh(raw / self.LOGVAR_BOUND)  # smooth bound on log sigma^2
+            mu, logvar = self.router(x.float())   # (N, d_z); a mixture router: (C, N, d_z)
             sigma = torch.exp(0.5 * logvar)
+            N, d_z = mu.shape[-2:]
             if eps is not None:
-                if eps.dim() < 2 or eps.shape[1:] != (*shape[:-1], mu.shape[-1]):
+                if eps.dim() < 2 or eps.shape[1:] != (*shape[:-1], d_z):
                     raise ValueError(f"eps has shape {tuple(eps.shape)}; expected (K, {', '.join(map(str, shape[:-1]))}, "
-                                     f"{mu.shape[-1]}) for x of shape {tuple(shape)}")
+                                     f"{d_z}) for x of shape {tuple(shape)}")
                 eps = eps.reshape(eps.shape[0], -1, eps.shape[-1]).float()
             elif self.config.z_deterministic:
-                eps = torch.zeros(1, *mu.shape, device=x.device)      # z = mu
+                eps = torch.zeros(1, N, d_z, device=x.device)      # z = mu
             else:
-                eps = torch.randn(self.config.z_samples, *mu.shape, device=x.device)
-            z = mu + sigma * eps                                         # z_k = mu + sigma ⊙ eps_k
+                eps = torch.randn(self.config.z_samples, N, d_z, device=x.device)
+            if mu.dim() == 3:                                     # every component gets each eps_k
+                eps = eps[:, None]
+            z = (mu + sigma * eps).reshape(-1, N, d_z)                   # z_k = mu + sigma ⊙ eps_k
 
-        ffn = inf_ffn_reference
-        if self.use_kernel(x):
-            from kernel import inf_ffn as ffn
-        dt = compute_dtype(x)
-        W1, W2 = self.W1, self.W2
-        b1 = None if W1.bias is None else W1.bias.to(dt)
-        b2 = None if W2.bias is None else W2.bias.to(dt)
-        y, counts, n_active = ffn(x.to(dt), W1.weight.to(dt), b1, W2.weight.to(dt), b2, self.W_z, z,
-                                  self.config.top_frac)
+        y, counts, n_active = self.masked_ffn(x.to(compute_dtype(x)), z)
 
         # routing statistics of this batch, kept on the device (train.py reads them when it logs)
         q = counts / counts.sum()
         self.stats = {
             "entropy": -(q * q.clamp_min(1e-30).log()).sum().detach() / math.log(q.numel()),  # H~(q)
             "sigma": sigma.mean().detach(),
-            "active": n_active / (x.shape[0] * self.W_z.shape[0]),     # non-zero share of the averaged mask
+            "active": n_active / (x.shape[0] * q.numel()),   # non-zero share of the averaged mask
+            **self.router.stats,
         }
         return y.view(shape)
+
+    def masked_ffn(self, x, z):
+        """y = W2 (GELU(W1 x + b1) ⊙ M) + b2, M the mask averaged over the samples (Sec. 3.2). gate=pre
+        puts the mask inside GELU, which does not commute with the average: one pass per sample."""
+        if self.config.gate == "pre":
+            self.without_kernel(x, "gate=pre")
+            return masked_mlp(x, [self.W1, self.W2], [self.W_z], z, [self.config.top_frac], True)
+        ffn = inf_ffn_reference
+        if self.use_kernel(x):
+            from kernel import inf_ffn as ffn
+        dt, W1, W2 = x.dtype, self.W1, self.W2
+        b1 = None if W1.bias is None else W1.bias.to(dt)
+        b2 = None if W2.bias is None else W2.bias.to(dt)
+        return ffn(x, W1.weight.to(dt), b1, W2.weight.to(dt), b2, self.W_z, z, self.config.top_frac)
+
+    def without_kernel(self, x, why):
+        if self.config.use_kernel == "on" or x.is_cuda:
+            warnings.warn(f"{why}: the Triton kernel computes one post-activation masked layer; "
+                          f"running the PyTorch path instead")
+
+    def active_params(self):
+        """The router, W_z and at most (samples x n_keep) hidden units of W1/W2; samples = K, or 1 for
+        z = mu, times the router's components. The union of the masks can only be smaller."""
+        c = self.config
+        samples = (1 if c.z_deterministic else c.z_samples) * c.router_mix
+        idle = c.d_ff - min(c.d_ff, samples * c.n_keep)
+        return sum(p.numel() for p in self.parameters()) - idle * (2 * c.n_embd + int(c.bias))
+
+
+class DeepInfMoE(InfMoE):
+    """∞-MoE over two masked hidden layers driven by one z, a W_z and a top fraction r per layer (the
+    "shared z, per-layer heads" extension; not in the paper):
+
+      y = W2 (Act(W_mid (Act(W1 x) ⊙ M1)) ⊙ M2),  M_l = TopN%_{r_l}(W_z,l z),  averaged over K samples
+
+    Stacked masks compound: a sample uses about r1 * r2 of W_mid (6% at r = 25% for both), so the
+    second layer's r (top_frac2) defaults to the first's and is best kept larger. Both hidden layers
+    are d_ff wide (default 4d: W_mid alone is 16 d^2).
+    """
+    d_ff_mult = 4
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.W_z2 = nn.Parameter(torch.randn(config.d_ff, config.d_z) / math.sqrt(config.d_z))
+        self.W_mid = nn.Linear(config.d_ff, config.d_ff, bias=config.bias)
+        self.top_fracs = [config.top_frac, config.top_frac2 or config.top_frac]
+
+    def masked_ffn(self, x, z):
+        self.without_kernel(x, "ffn=inf_deep")
+        return masked_mlp(x, [self.W1, self.W_mid, self.W2], [self.W_z, self.W_z2], z, self.top_fracs,
+                          pre_gate=self.config.gate == "pre")
+
+    def active_params(self):
+        c = self.config
+        samples = (1 if c.z_deterministic else c.z_samples) * c.router_mix
+        u1, u2 = (min(c.d_ff, samples * keep_count(r, c.d_ff)) for r in self.top_fracs)
+        d, b, n = c.n_embd, int(c.bias), c.d_ff
+        masked = n * (d + b) + n * n + n * b + n * d          # W1 and b1, W_mid and b_mid, W2
+        active = u1 * (d + b) + u1 * u2 + u2 * b + u2 * d
+        return sum(p.numel() for p in self.parameters()) - masked + active
+
+
+# --ffn name -> FFN class. A new FFN: one class (see the top of this section) and one line here.
+FFNS = {"dense": DenseFFN, "switch": TopKMoE, "top2": Top2MoE, "inf": InfMoE, "inf_deep": DeepInfMoE}
 
 
 # ----------------------------------------------------------------------------- model
@@ -275,8 +518,11 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = {"dense": lambda: DenseFFN(config), "switch": lambda: TopKMoE(config),
-                    "top2": lambda: TopKMoE(config), "inf": lambda: InfMoE(config)}[config.ffn]()
+        ffn = FFNS[config.ffn]
+        if not callable(getattr(ffn, "active_params", None)):  # num_params and MFU need it: never guess
+            raise TypeError(f"FFN class {ffn.__name__} (ffn={config.ffn}) must define active_params(): "
+                            f"the parameters one token multiplies with")
+        self.mlp = ffn(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -296,12 +542,12 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.aux_loss = None  # switch/top2: the last forward's summed aux losses, detached, for logging
+        self.aux_loss = None  # the last forward's summed FFN aux losses (switch/top2), detached
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections
-        for name, p in self.named_parameters():
-            if name.endswith(("c_proj.weight", "mlp.W2.weight", "mlp.W2")):
+        for p in self.parameters():
+            if getattr(p, "residual_proj", False):  # marked by residual()
                 nn.init.normal_(p, mean=0.0, std=resid_std)
 
     def _init_weights(self, module):
@@ -313,7 +559,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        """Returns (logits, loss). With targets, loss = cross-entropy (+ MoE aux losses for switch/top2)
+        """Returns (logits, loss). With targets, loss = cross-entropy (+ the FFNs' aux losses, if any)
         and logits cover every position; without, logits of the last position only (generation)."""
         B, T = idx.shape
         if T > self.config.block_size:
@@ -327,11 +573,19 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        if self.config.ffn in ("switch", "top2"):  # each MoE layer adds its own aux loss (Switch convention)
-            aux = sum(block.mlp.aux_loss for block in self.transformer.h)
+        aux = [getattr(block.mlp, "aux_loss", None) for block in self.transformer.h]
+        aux = [a for a in aux if a is not None]
+        if aux:  # each MoE layer adds its own aux loss (Switch convention)
+            aux = sum(aux)
             self.aux_loss = aux.detach()
             loss = loss + aux
         return logits, loss
+
+    def after_step(self):
+        """Call after each optimizer.step(): FFN state updated outside the gradient (balance=bias)."""
+        for block in self.transformer.h:
+            if hasattr(block.mlp, "after_step"):
+                block.mlp.after_step()
 
     def set_sampling(self, z_samples=None, z_deterministic=None, moe_top_k=None):
         """Inference knobs: ∞-MoE's K samples of z or z = mu; switch/top2's experts per token.
@@ -355,24 +609,14 @@ class GPT(nn.Module):
         return {key: torch.stack([s[key] for s in layers]).mean(0) for key in layers[0]}
 
     def num_params(self):
-        """(total, active): all parameters, and those one token multiplies with.
-
-        Position embeddings count (nanoGPT leaves them out; we keep them so the numbers add up).
-        Active: dense all; switch/top2 the router plus top-k of the experts; inf the router, W_z and
-        at most K * n_keep hidden units of W1/W2 (the union of the K masks can only be smaller).
-        """
-        c = self.config
+        """(total, active): all parameters, and those one token multiplies with: everything outside the
+        FFNs plus what each FFN's active_params() states. Position embeddings count (nanoGPT leaves them
+        out; we keep them so the numbers add up)."""
         total = sum(p.numel() for p in self.parameters())
-        if c.ffn == "dense":
-            return total, total
-        d, b = c.n_embd, int(c.bias)
-        if c.ffn in ("switch", "top2"):
-            h = c.d_ff // c.n_expert
-            idle = (c.n_expert - c.experts_per_token) * (d * h + h * d + b * (h + d))
-        else:
-            units = min(c.d_ff, c.z_samples * c.n_keep) if not c.z_deterministic else c.n_keep
-            idle = (c.d_ff - units) * (2 * d + b)  # a hidden unit owns a row of W1, a column of W2, a b1 entry
-        return total, total - c.n_layer * idle
+        ffns = [block.mlp for block in self.transformer.h]
+        ffn_total = sum(p.numel() for f in ffns for p in f.parameters())
+        active = total - ffn_total + sum(f.active_params() for f in ffns)
+        return total, active
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on >= 2-D weights only (matrices, embeddings, experts, W_z)."""
@@ -402,7 +646,7 @@ if __name__ == "__main__":
     import resource
 
     print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n|---|---|---|---|---|")
-    for ffn in ("dense", "switch", "top2", "inf"):
+    for ffn in FFNS:
         row = []
         for L, H, d in ((12, 12, 768), (24, 16, 1024)):
             with torch.device("meta"):

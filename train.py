@@ -126,6 +126,9 @@ RANGES = {
     "n_embd": at_least(1), "dropout": BELOW_ONE, "n_expert": at_least(1), "moe_top_k": at_least(0),
     "aux_loss_coef": at_least(0), "z_loss_coef": at_least(0), "d_z": at_least(1),
     "top_frac": ((lambda v: 0 < v <= 1), "in (0, 1]"), "z_samples": at_least(1),
+    "d_ff_mult": at_least(0), "balance_rate": at_least(0), "router_depth": at_least(1),
+    "router_width": at_least(0), "router_mix": at_least(1),
+    "top_frac2": ((lambda v: 0 <= v <= 1), "in [0, 1] (0: top_frac)"),
 }
 
 
@@ -868,6 +871,7 @@ def train(cfg, model_args, ckpt, data_start):
                 aux_sum += raw_model.aux_loss / grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         optimizer.step()
+        raw_model.after_step()  # FFN state updated outside the gradient (aux-loss-free balancing)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         timed += 1
