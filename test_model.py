@@ -125,7 +125,7 @@ def test_top_fraction_keeps_exactly_n_at_their_values():
     torch.manual_seed(0)
     d_ff, d_z, r = 50, 6, 0.3
     z, W_z = torch.randn(1, 7, d_z), torch.randn(d_ff, d_z)
-    M, counts = averaged_topk_mask(z, W_z, r)
+    M, counts, _ = averaged_topk_mask(z, W_z, r)
     scores = z[0] @ W_z.t()
     n_keep = 15  # round(0.3 * 50)
     assert ((M != 0).sum(-1) == n_keep).all()
