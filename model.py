@@ -13,6 +13,7 @@ causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -195,11 +196,15 @@ def selection_scores(z, W_z, out=None):
 
 
 def row_threshold(m, n_keep):
-    """The n_keep-th largest entry of each row of m, shape (N, 1).
+    """The n_keep-th largest entry of each row of m, shape (N, 1): the value itself, so ties with it
+    are all kept by `m >= threshold`.
 
-    An unsorted topk and its minimum: the same value as the last of a sorted topk (ties included),
-    without sorting the n_keep winners, which on the CPU costs as much again as finding them.
+    Found by selection, not by sorting. On the CPU numpy's partition (a vectorised introselect) is
+    ~5x faster than torch's topk, which moves (value, index) pairs; elsewhere an unsorted topk and
+    its minimum (GPUs run topk as a radix select).
     """
+    if m.device.type == "cpu":
+        return torch.from_numpy(np.partition(m.numpy(), -n_keep, axis=-1)[:, -n_keep, None])
     return m.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
 
 
