@@ -244,7 +244,7 @@ class _InfFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W1, b1, W2, b2, W_z, z, top_frac):
-        with torch.autocast(x.device.type, enabled=False):  # mask scores at least float32: fewer exact ties
+        with torch.autocast(x.device.type, enabled=False):  # scores at least float32: fewer exact ties
             dt = torch.promote_types(z.dtype, torch.float32)
             z, W_z = z.to(dt), W_z.to(dt)
             M, counts, keep = averaged_topk_mask(z, W_z, top_frac)
@@ -302,9 +302,10 @@ def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
     kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32, its scores computed in IEEE float32.
     Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
 
-    Fast path: the threshold by an unsorted topk, M built in place, and a hand-written backward
-    (_InfFFN) that keeps pre, M and the K keep masks. test_model.py's naive_inf_ffn is the plain
-    autograd version of the same equations, the oracle this one is tested against.
+    What makes it fast (same values and gradients as autograd of the equations above): each row's
+    threshold by selection, not sorting (row_threshold); M built in place, one sample at a time;
+    a hand-written backward (_InfFFN) that keeps pre, M and the K keep masks and recomputes GELU.
+    test_model.py's naive_inf_ffn, K separate passes under plain autograd, is its test oracle.
     """
     return _InfFFN.apply(x, W1, b1, W2, b2, W_z, z, top_frac)
 
