@@ -402,8 +402,9 @@ def _times(cases, dy, reps):
                 t.grad = None
 
     if dy.is_cuda:
-        return {name: tuple(triton.testing.do_bench(lambda: step(fn, args, b), rep=reps, return_mode="median")
-                            for b in (False, True)) for name, (fn, args) in cases.items()}
+        bench = lambda fn, args, b: triton.testing.do_bench(lambda: step(fn, args, b), rep=reps,
+                                                            return_mode="median")
+        return {name: (bench(fn, a, False), bench(fn, a, True)) for name, (fn, a) in cases.items()}
     best = {name: [float("inf")] * 2 for name in cases}
     for _ in range(reps):
         for name, (fn, args) in cases.items():
@@ -415,9 +416,9 @@ def _times(cases, dy, reps):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs of width "
-                                "d_ff and 4d: the PyTorch path (model.inf_ffn_reference) on any device, the Triton "
-                                "kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")
+    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
+                                "of width d_ff and 4d: the PyTorch path (model.inf_ffn_reference) on any device, "
+                                "the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")
     p.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 2048 on the CPU")
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--d_ff", type=int, default=6144)
@@ -425,7 +426,8 @@ def main():
     p.add_argument("--rates", default="5,10,25,50,100", help="activation rates in percent")
     p.add_argument("--ks", default="1,2,4", help="numbers of samples K")
     p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
-    p.add_argument("--reps", type=int, default=None, help="CUDA: ms per do_bench (200); CPU: rounds, best of (3)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png", help="PNG written when matplotlib is installed")
     args = p.parse_args()
     if INTERPRET:
@@ -440,12 +442,14 @@ def main():
     reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
     N, d, d_ff, d_z = args.tokens or (16384 if cuda else 2048), args.d, args.d_ff, args.d_z
     gen = torch.Generator(device=device).manual_seed(0)
-    leaf = lambda *s, std=0.02, dt=dt: (torch.randn(*s, device=device, generator=gen) * std).to(dt).requires_grad_()
+    def leaf(*shape, std=0.02, dt=dt):
+        return (torch.randn(*shape, device=device, generator=gen) * std).to(dt).requires_grad_()
+
     x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device=device, generator=gen).to(dt)
     ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
     W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
-    machine = (torch.cuda.get_device_name() if cuda else
-               f"CPU, {torch.get_num_threads()} threads (a shared machine makes absolute times noisy: compare ratios)")
+    machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads "
+               "(on a shared machine absolute times are noisy: compare the ratios)")
     print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
 
     paths = {"PyTorch": inf_ffn_reference}
@@ -478,19 +482,19 @@ def main():
     mem = {name: _saved_mib(fn, a, dy) for name, (fn, a) in cases.items()}
     peak = {name: _peak_mib(fn, a, dy) for name, (fn, a) in cases.items()} if cuda else None
 
-    base = t["dense", d_ff, 0]
-    print(f"\n| FFN | K | r | fwd ms | fwd+bwd ms | fwd / dense d_ff | fwd+bwd / dense d_ff | fwd+bwd / dense 4d "
-          f"| saved for backward MiB | / dense d_ff |" + (" peak MiB |" if cuda else ""))
+    base, base4, base_mem = t["dense", d_ff, 0], t["dense", 4 * d, 0], mem["dense", d_ff, 0]
+    print("\n| FFN | K | r | fwd ms | fwd+bwd ms | fwd / dense d_ff | fwd+bwd / dense d_ff | fwd+bwd / dense 4d "
+          "| saved for backward MiB | / dense d_ff |" + (" peak MiB |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for (path, K, r), (f, fb) in t.items():
-        label = (f"dense, width {K}", "", "") if path == "dense" else (f"∞-MoE, {path}", K, f"{r}%")
-        print(f"| {label[0]} | {label[1]} | {label[2]} | {f:.0f} | {fb:.0f} | {f / base[0]:.2f} | {fb / base[1]:.2f} "
-              f"| {fb / t['dense', 4 * d, 0][1]:.2f} | {mem[path, K, r]:.0f} | {mem[path, K, r] / mem['dense', d_ff, 0]:.2f} |"
-              + (f" {peak[path, K, r]:.0f} |" if cuda else ""))
+        label = f"dense, width {K} | | " if path == "dense" else f"∞-MoE, {path} | {K} | {r}%"
+        saved = mem[path, K, r]
+        print(f"| {label} | {f:.0f} | {fb:.0f} | {f / base[0]:.2f} | {fb / base[1]:.2f} | {fb / base4[1]:.2f} "
+              f"| {saved:.0f} | {saved / base_mem:.2f} |" + (f" {peak[path, K, r]:.0f} |" if cuda else ""))
     if ("PyTorch", 2, 25) in t:
         ref = t["PyTorch", 2, 25]
-        print(f"\nK=2, r=25%: PyTorch path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN (target <= 1.3), "
-              f"activation memory {mem['PyTorch', 2, 25] / mem['dense', d_ff, 0]:.2f}x (target <= 1.5)")
+        print(f"\nK=2, r=25%: PyTorch path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN "
+              f"(target <= 1.3), activation memory {mem['PyTorch', 2, 25] / base_mem:.2f}x (target <= 1.5)")
         if cuda:
             ker = t["Triton", 2, 25]
             print(f"Triton kernel: fwd+bwd {ref[1] / ker[1]:.2f}x faster than the PyTorch path (target >= 2), "
