@@ -294,6 +294,9 @@ class _InfFFN(torch.autograd.Function):
         return dx, dW1, db1, dW2, db2, dW_z, dz, None
 
 
+# The numpy selection and the flag-guarded score product cannot be traced: torch.compile calls the
+# path as one opaque function (one graph break per layer) instead of breaking inside it.
+@torch.compiler.disable
 def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
     """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2, M = (1/K) sum_k TopN%(W_z z_k).
 
