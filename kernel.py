@@ -43,6 +43,7 @@ inputs use bf16 GEMMs with fp32 accumulation and TF32 for the d_z-deep score val
 order of bf16 rounding; the keep decisions are unaffected).
 """
 import os
+import time
 import argparse
 
 import torch
@@ -354,89 +355,151 @@ def _dense_ffn(x, W1, b1, W2, b2):
     return F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2)
 
 
-def _measure(fn, args, dy, reps):
-    """Median forward ms, forward+backward ms, and peak extra memory (MiB) of a forward+backward."""
-    leaves = [t for t in args if torch.is_tensor(t) and t.requires_grad]
-    out = lambda: (lambda r: r[0] if isinstance(r, tuple) else r)(fn(*args))
-    with torch.no_grad():
-        fwd = triton.testing.do_bench(out, rep=reps, return_mode="median")
-    both = triton.testing.do_bench(lambda: out().backward(dy), rep=reps, grad_to_none=leaves, return_mode="median")
-    for t in leaves:
-        t.grad = None
+def _first(r):
+    return r[0] if isinstance(r, tuple) else r
+
+
+def _saved_mib(fn, args, dy):
+    """Activation memory: what autograd keeps for backward beyond the inputs and parameters, MiB."""
+    inputs = {t.data_ptr() for t in args if torch.is_tensor(t)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _first(fn(*args))
+    y.backward(dy)
+    kept = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
+    for t in args:
+        if torch.is_tensor(t):
+            t.grad = None
+    return sum(kept.values()) / 2**20
+
+
+def _peak_mib(fn, args, dy):
+    """CUDA: peak memory allocated during one forward+backward beyond what existed before, MiB."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out().backward(dy)
+    _first(fn(*args)).backward(dy)
     torch.cuda.synchronize()
-    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
+    for t in args:
+        if torch.is_tensor(t):
+            t.grad = None
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _times(cases, dy, reps):
+    """{name: (forward ms, forward+backward ms)} for cases {name: (fn, args)}.
+
+    CUDA: triton's do_bench medians. CPU: the best of `reps` rounds, every case run once per round,
+    so that a change in the load of a shared machine hits all cases alike and the ratios hold.
+    """
+    def step(fn, args, backward):
+        if not backward:
+            with torch.no_grad():
+                return fn(*args)
+        _first(fn(*args)).backward(dy)
+        for t in args:
+            if torch.is_tensor(t):
+                t.grad = None
+
+    if dy.is_cuda:
+        bench = lambda fn, args, b: triton.testing.do_bench(lambda: step(fn, args, b), rep=reps,
+                                                            return_mode="median")
+        return {name: (bench(fn, a, False), bench(fn, a, True)) for name, (fn, a) in cases.items()}
+    best = {name: [float("inf")] * 2 for name in cases}
+    for _ in range(reps):
+        for name, (fn, args) in cases.items():
+            for b in (False, True):
+                t0 = time.perf_counter()
+                step(fn, args, b)
+                best[name][b] = min(best[name][b], (time.perf_counter() - t0) * 1e3)
+    return {name: tuple(t) for name, t in best.items()}
 
 
 def main():
-    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN: PyTorch reference vs "
-                                "Triton kernel vs dense FFNs (GPT-2 Small shape by default, bf16).")
-    p.add_argument("--tokens", type=int, default=16384)
+    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
+                                "of width d_ff and 4d: the PyTorch path (model.inf_ffn_reference) on any device, "
+                                "the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")
+    p.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 2048 on the CPU")
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--d_ff", type=int, default=6144)
     p.add_argument("--d_z", type=int, default=128)
     p.add_argument("--rates", default="5,10,25,50,100", help="activation rates in percent")
     p.add_argument("--ks", default="1,2,4", help="numbers of samples K")
     p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
+    p.add_argument("--reps", type=int, default=None,
+                   help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png", help="PNG written when matplotlib is installed")
     args = p.parse_args()
-    if INTERPRET or not torch.cuda.is_available():
-        print("kernel.py benchmark: needs a CUDA GPU and TRITON_INTERPRET unset; nothing to measure here.")
+    if INTERPRET:
+        print("kernel.py benchmark: unset TRITON_INTERPRET (the interpreter is for tests, not for timing).")
         return
     from model import inf_ffn_reference
 
+    cuda = torch.cuda.is_available()
+    device, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     rates = [25] if args.quick else [int(r) for r in args.rates.split(",")]
     ks = [2] if args.quick else [int(k) for k in args.ks.split(",")]
-    reps = 50 if args.quick else 200
-    N, d, d_ff, d_z, bf16 = args.tokens, args.d, args.d_ff, args.d_z, torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    leaf = lambda *s, std=0.02, dt=bf16: (torch.randn(*s, device="cuda", generator=gen) * std).to(dt).requires_grad_()
-    x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device="cuda", generator=gen).to(bf16)
+    reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
+    N, d, d_ff, d_z = args.tokens or (16384 if cuda else 2048), args.d, args.d_ff, args.d_z
+    gen = torch.Generator(device=device).manual_seed(0)
+    def leaf(*shape, std=0.02, dt=dt):
+        return (torch.randn(*shape, device=device, generator=gen) * std).to(dt).requires_grad_()
+
+    x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device=device, generator=gen).to(dt)
     ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
     W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
-    print(f"{torch.cuda.get_device_name()}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} bf16 "
-          f"(router matmul TF32: {torch.backends.cuda.matmul.allow_tf32})")
+    machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads "
+               "(on a shared machine absolute times are noisy: compare the ratios)")
+    print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
 
-    # correctness at the full shape, K=2, r=25%: kernel and bf16 reference, both against an fp32 reference
-    z = leaf(2, N, d_z, std=1.0, dt=torch.float32)
-    res = {}
-    for name, fn, dt in (("kernel", inf_ffn, bf16), ("reference", inf_ffn_reference, bf16),
-                         ("fp32", inf_ffn_reference, torch.float32)):
-        ins = [t.detach().to(dt if t.dtype == bf16 else t.dtype).requires_grad_() for t in (x, *ffn, W_z, z)]
-        y = fn(*ins, 0.25)[0]
-        y.backward(dy.to(dt))
-        res[name] = [y.detach()] + [t.grad for t in ins]
-    names = ["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    print(f"{'relative error (K=2, r=25%)':<28s}" + " ".join(f"{n:>8s}" for n in names))
-    for a, b in (("kernel", "reference"), ("kernel", "fp32"), ("reference", "fp32")):
-        print(f"{a + ' vs ' + b:<28s}" + " ".join(f"{rel(u, v):8.1e}" for u, v in zip(res[a], res[b])))
-    del res, z
+    paths = {"PyTorch": inf_ffn_reference}
+    if cuda:
+        paths["Triton"] = inf_ffn
+        # correctness at the full shape, K=2, r=25%: kernel and bf16 reference, both against an fp32 reference
+        z = leaf(2, N, d_z, std=1.0, dt=torch.float32)
+        res = {}
+        for name, fn, dtype in (("kernel", inf_ffn, dt), ("reference", inf_ffn_reference, dt),
+                                ("fp32", inf_ffn_reference, torch.float32)):
+            ins = [t.detach().to(dtype if t.dtype == dt else t.dtype).requires_grad_() for t in (x, *ffn, W_z, z)]
+            y = fn(*ins, 0.25)[0]
+            y.backward(dy.to(dtype))
+            res[name] = [y.detach()] + [t.grad for t in ins]
+        names = ["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
+        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+        print(f"{'relative error (K=2, r=25%)':<28s}" + " ".join(f"{n:>8s}" for n in names))
+        for a, b in (("kernel", "reference"), ("kernel", "fp32"), ("reference", "fp32")):
+            print(f"{a + ' vs ' + b:<28s}" + " ".join(f"{rel(u, v):8.1e}" for u, v in zip(res[a], res[b])))
+        del res, z
 
-    dense = {}
-    for width in (d_ff, 4 * d):
-        w = ffn if width == d_ff else [leaf(width, d), leaf(width), leaf(d, width), leaf(d)]
-        dense[width] = _measure(_dense_ffn, (x, *w), dy, reps)
-        print(f"dense FFN width {width:5d}: fwd {dense[width][0]:6.3f} ms  fwd+bwd {dense[width][1]:6.3f} ms  "
-              f"peak {dense[width][2]:7.0f} MiB")
-    t = {}
-    print(" K    r% |  fwd ms: ref  triton | fwd+bwd ms: ref  triton  speed-up | peak MiB: ref  triton")
+    cases = {("dense", d_ff, 0): (_dense_ffn, (x, *ffn)),
+             ("dense", 4 * d, 0): (_dense_ffn, (x, leaf(4 * d, d), leaf(4 * d), leaf(d, 4 * d), leaf(d)))}
     for K in ks:
         z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
         for r in rates:
-            for name, fn in (("reference", inf_ffn_reference), ("kernel", inf_ffn)):
-                t[name, K, r] = _measure(fn, (x, *ffn, W_z, z, r / 100), dy, reps)
-            a, b = t["reference", K, r], t["kernel", K, r]
-            print(f"{K:2d} {r:5d} | {a[0]:9.3f} {b[0]:7.3f} | {a[1]:15.3f} {b[1]:7.3f} {a[1] / b[1]:8.2f}x "
-                  f"| {a[2]:13.0f} {b[2]:7.0f}")
-    if ("kernel", 2, 25) in t:
-        a, b = t["reference", 2, 25], t["kernel", 2, 25]
-        print(f"K=2, r=25%: fwd+bwd {a[1] / b[1]:.2f}x faster than the reference (target >= 2), "
-              f"{b[1] / dense[d_ff][1]:.2f}x the dense width-d_ff FFN (target <= 1.3), "
-              f"peak memory {b[2] / a[2]:.2f} of the reference's (target <= 0.33)")
+            for path, fn in paths.items():
+                cases[path, K, r] = (fn, (x, *ffn, W_z, z, r / 100))
+    t = _times(cases, dy, reps)
+    mem = {name: _saved_mib(fn, a, dy) for name, (fn, a) in cases.items()}
+    peak = {name: _peak_mib(fn, a, dy) for name, (fn, a) in cases.items()} if cuda else None
+
+    base, base4, base_mem = t["dense", d_ff, 0], t["dense", 4 * d, 0], mem["dense", d_ff, 0]
+    print("\n| FFN | K | r | fwd ms | fwd+bwd ms | fwd / dense d_ff | fwd+bwd / dense d_ff | fwd+bwd / dense 4d "
+          "| saved for backward MiB | / dense d_ff |" + (" peak MiB |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    for (path, K, r), (f, fb) in t.items():
+        label = f"dense, width {K} | | " if path == "dense" else f"∞-MoE, {path} | {K} | {r}%"
+        saved = mem[path, K, r]
+        print(f"| {label} | {f:.0f} | {fb:.0f} | {f / base[0]:.2f} | {fb / base[1]:.2f} | {fb / base4[1]:.2f} "
+              f"| {saved:.0f} | {saved / base_mem:.2f} |" + (f" {peak[path, K, r]:.0f} |" if cuda else ""))
+    if ("PyTorch", 2, 25) in t:
+        ref = t["PyTorch", 2, 25]
+        print(f"\nK=2, r=25%: PyTorch path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN "
+              f"(target <= 1.3), activation memory {mem['PyTorch', 2, 25] / base_mem:.2f}x (target <= 1.5)")
+        if cuda:
+            ker = t["Triton", 2, 25]
+            print(f"Triton kernel: fwd+bwd {ref[1] / ker[1]:.2f}x faster than the PyTorch path (target >= 2), "
+                  f"{ker[1] / base[1]:.2f}x the dense width-d_ff FFN (target <= 1.3), peak memory "
+                  f"{peak['Triton', 2, 25] / peak['PyTorch', 2, 25]:.2f} of the PyTorch path's (target <= 0.33)")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -447,10 +510,10 @@ def main():
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, j, title in zip(axes, (0, 1), ("forward", "forward + backward")):
         for i, K in enumerate(ks):
-            ax.plot(rates, [t["reference", K, r][j] for r in rates], "--o", color=f"C{i}", label=f"PyTorch reference K={K}")
-            ax.plot(rates, [t["kernel", K, r][j] for r in rates], "-s", color=f"C{i}", label=f"Triton kernel K={K}")
+            for path, style in zip(paths, ("--o", "-s")):
+                ax.plot(rates, [t[path, K, r][j] for r in rates], style, color=f"C{i}", label=f"{path} K={K}")
         for width, ls in ((d_ff, ":"), (4 * d, "-.")):
-            ax.axhline(dense[width][j], color="gray", ls=ls, label=f"dense FFN width {width}")
+            ax.axhline(t["dense", width, 0][j], color="gray", ls=ls, label=f"dense FFN width {width}")
         ax.set(xlabel="activation rate r (%)", ylabel="latency (ms)", title=f"{title}, {N} tokens, d={d}, d_ff={d_ff}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

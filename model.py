@@ -19,6 +19,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -257,42 +258,147 @@ class Top2MoE(TopKMoE):
     top_k, renormalise = 2, True
 
 
+@torch.compiler.disable  # reads and sets global backend flags, which torch.compile cannot trace
+def selection_scores(z, W_z, out=None):
+    """Mask scores m = z W_z^T in IEEE float32 (float64 for float64 inputs), whatever TF32 setting
+    a script chose (train.py allows TF32 on CUDA; oneDNN can be told to use bf16 on the CPU).
+
+    The scores are only compared with each other, to pick each row's top N%. TF32 keeps 10 mantissa
+    bits, so it moves a score by ~1e-3 of its size: enough to swap the units on either side of the
+    threshold. The selection would then depend on a global flag, and the Triton kernel and this
+    path would keep different units. So this one product always runs at full precision.
+    """
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = cuda.fp32_precision, mkldnn.fp32_precision  # the new API: reading it never errors
+    cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
+    try:
+        return torch.matmul(z, W_z.t(), out=out)
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = saved
+
+
+def row_threshold(m, n_keep):
+    """The n_keep-th largest entry of each row of m, shape (N, 1): the value itself, so ties with it
+    are all kept by `m >= threshold`.
+
+    Found by selection, not by sorting. On the CPU numpy's partition (a vectorised introselect) is
+    ~5x faster than torch's topk, which moves (value, index) pairs; elsewhere an unsorted topk and
+    its minimum (GPUs run topk as a radix select).
+    """
+    if m.device.type == "cpu":
+        return torch.from_numpy(np.partition(m.numpy(), -n_keep, axis=-1)[:, -n_keep, None])
+    return m.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
+@torch.no_grad()  # the keep decisions are not differentiated; inf_ffn_reference's backward uses them
 def averaged_topk_mask(z, W_z, top_frac):
-    """M = (1/K) sum_k TopN%(W_z z_k), the kept scores at their own values (arXiv 2601.17680 Sec. 3.2).
+    """M = (1/K) sum_k TopN%(m_k), m_k = W_z z_k: each sample keeps its round(r d_ff) largest
+    scores at their own values and zeroes the rest (arXiv 2601.17680, the "partly soft" mask).
 
-    z: (K, N, d_z) float32. Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
+    z: (K, N, d_z). Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
     Tie rule (shared with kernel.py): keep every score >= the n_keep-th largest of its row.
-    Returns M (N, d_ff) and counts (d_ff,): how many of the N*K samples selected each unit.
+    Returns M (N, d_ff), counts (d_ff,): how many of the N*K samples selected each unit, and
+    keep: the K boolean (N, d_ff) masks of kept units.
     """
-    K, d_ff = z.shape[0], W_z.shape[0]
+    K, N, d_ff = z.shape[0], z.shape[1], W_z.shape[0]
     n_keep = keep_count(top_frac, d_ff)
-    M, counts = 0.0, 0.0
+    M = z.new_zeros(N, d_ff)
+    m, keep_f = z.new_empty(N, d_ff), z.new_empty(N, d_ff)  # buffers reused by every sample
+    counts, keep = z.new_zeros(d_ff), []
     for k in range(K):
-        m = z[k] @ W_z.t()                                     # m_k = W_z z_k   (N, d_ff)
-        thr = m.detach().topk(n_keep, dim=-1).values[:, -1:]  # threshold is not differentiated
-        keep = m >= thr
-        M = M + torch.where(keep, m, 0.0)
-        counts = counts + keep.sum(0, dtype=torch.float32)
-    return M / K, counts
+        selection_scores(z[k], W_z, out=m)                      # m_k = W_z z_k
+        keep.append(m >= row_threshold(m, n_keep))
+        # 0/1 as floats: float-only arithmetic is several times faster than mixing in a bool
+        keep_f.copy_(keep[-1].view(torch.uint8))
+        M.addcmul_(m, keep_f)                                   # += TopN%(m_k), kept at their values
+        counts += keep_f.sum(0)
+    return M.div_(K), counts, keep
 
 
-def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
-    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2 (arXiv 2601.17680 Sec. 3.2), one pass for all K.
+class _InfFFN(torch.autograd.Function):
+    """y = W2 (GELU(W1 x + b1) ⊙ M) + b2 with a hand-written backward.
 
-    Same signature and result as kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32.
-    Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
+    Autograd of that expression would keep the pre-activation, h = GELU(pre), M, h ⊙ M and every
+    sample's keep mask. This keeps pre, M and the keep masks (K bits per unit, as bools) and
+    recomputes h from pre: about 1.25x the activation memory of a dense FFN of the same width at
+    K = 2, for one extra GELU in the backward.
     """
-    with torch.autocast(x.device.type, enabled=False):   # mask scores in float32: fewer exact ties
-        M, counts = averaged_topk_mask(z.float(), W_z.float(), top_frac)
-    h = F.gelu(F.linear(x, W1, b1))
-    y = F.linear(h * M.to(h.dtype), W2, b2)
-    return y, counts.detach(), (M != 0).sum(dtype=torch.float32).detach()
+
+    @staticmethod
+    def forward(ctx, x, W1, b1, W2, b2, W_z, z, top_frac):
+        with torch.autocast(x.device.type, enabled=False):  # scores at least float32: fewer exact ties
+            dt = torch.promote_types(z.dtype, torch.float32)
+            z, W_z = z.to(dt), W_z.to(dt)
+            M, counts, keep = averaged_topk_mask(z, W_z, top_frac)
+        pre = F.linear(x, W1, b1)
+        M_h = M.to(pre.dtype)
+        y = F.linear(F.gelu(pre).mul_(M_h), W2, b2)        # h ⊙ M, written over h
+        ctx.save_for_backward(x, W1, W2, W_z, z, pre, M_h, *keep)
+        ctx.has_bias = b1 is not None, b2 is not None
+        n_active = torch.count_nonzero(M).float()          # non-zeros of M
+        ctx.mark_non_differentiable(counts, n_active)
+        return y, counts, n_active
+
+    @staticmethod
+    def backward(ctx, dy, _dcounts, _dn_active):
+        x, W1, W2, W_z, z, pre, M, *keep = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dW1 = db1 = dW2 = db2 = dW_z = dz = None
+        dy = dy.to(pre.dtype)
+        da = dy @ W2                          # dL/d(h ⊙ M)
+        h = F.gelu(pre)
+        dM = da * h                           # dL/dM
+        if need[3]:
+            dW2 = dy.t() @ h.mul_(M)          # h ⊙ M again, written over h
+        if need[4] and ctx.has_bias[1]:
+            db2 = dy.sum(0)
+        # dL/dpre = (dL/dh) GELU'(pre), written over h: on the CPU fresh memory costs page faults
+        dpre = torch.ops.aten.gelu_backward.grad_input(da.mul_(M), pre, grad_input=h)
+        if need[0]:
+            dx = dpre @ W1
+        if need[1]:
+            dW1 = dpre.t() @ x
+        if need[2] and ctx.has_bias[0]:
+            db1 = dpre.sum(0)
+        if need[5] or need[6]:
+            # M = (1/K) sum_k TopN%(m_k): each m_k gets dL/dM / K on the units it kept, 0 elsewhere
+            K = len(keep)
+            dM = dM.to(z.dtype).div_(K)
+            dm = da if da.dtype == dM.dtype else torch.empty_like(dM)  # da is no longer needed
+            dz = torch.empty_like(z) if need[6] else None
+            dW_z = torch.zeros_like(W_z) if need[5] else None
+            for k in range(K):
+                dm.copy_(keep[k].view(torch.uint8)).mul_(dM)   # dL/dm_k
+                if need[6]:
+                    torch.mm(dm, W_z, out=dz[k])                # m_k = W_z z_k
+                if need[5]:
+                    dW_z.addmm_(dm.t(), z[k])
+        return dx, dW1, db1, dW2, db2, dW_z, dz, None
+
+
+# The numpy selection and the flag-guarded score product cannot be traced: torch.compile calls the
+# path as one opaque function (one graph break per layer) instead of breaking inside it.
+@torch.compiler.disable
+def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2, M = (1/K) sum_k TopN%(W_z z_k).
+
+    The Monte-Carlo mean over K samples of z moves inside W2 because the mask multiplies the
+    activation: one W1/W2 pass for all K (arXiv 2601.17680). Same signature and result as
+    kernel.inf_ffn. x: (N, d); z: (K, N, d_z) float32, its scores computed in IEEE float32.
+    Returns y, counts (d_ff,) and n_active (non-zeros of M), the last two detached statistics.
+
+    What makes it fast (same values and gradients as autograd of the equations above): each row's
+    threshold by selection, not sorting (row_threshold); M built in place, one sample at a time;
+    a hand-written backward (_InfFFN) that keeps pre, M and the K keep masks and recomputes GELU.
+    test_model.py's naive_inf_ffn, K separate passes under plain autograd, is its test oracle.
+    """
+    return _InfFFN.apply(x, W1, b1, W2, b2, W_z, z, top_frac)
 
 
 def topk_keep(m, n_keep):
     """TopN%(m) of one sample: the n_keep largest scores of each row at their own values, the rest 0,
     with averaged_topk_mask's tie rule. Returns the mask and which entries it keeps."""
-    keep = m >= m.detach().topk(n_keep, dim=-1).values[:, -1:]
+    keep = m >= row_threshold(m.detach(), n_keep)
     return torch.where(keep, m, 0.0), keep
 
 
@@ -316,7 +422,7 @@ def masked_mlp(x, layers, W_zs, z, top_fracs, pre_gate):
         h = x
         for l, (layer, W_z, r) in enumerate(zip(hidden, W_zs, top_fracs)):
             with torch.autocast(x.device.type, enabled=False):  # mask scores in float32, as InfMoE
-                M, keep = topk_keep(z[k] @ W_z.float().t(), keep_count(r, W_z.shape[0]))
+                M, keep = topk_keep(selection_scores(z[k], W_z.float()), keep_count(r, W_z.shape[0]))
             b = None if layer.bias is None else layer.bias.to(x.dtype)
             a = F.linear(h, layer.weight.to(x.dtype), b)
             M = M.to(a.dtype)
@@ -644,6 +750,7 @@ if __name__ == "__main__":
     # `python model.py`: the parameter table and the memory one ∞-MoE layer keeps for backward (README)
     import os
     import resource
+    from types import SimpleNamespace
 
     print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n|---|---|---|---|---|")
     for ffn in FFNS:
@@ -675,4 +782,5 @@ if __name__ == "__main__":
 
     print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward | peak RSS growth fwd+bwd |\n|---|---|---|---|")
     measure("dense FFN, d_ff = 4d", lambda: DenseFFN(GPTConfig(ffn="dense")))
+    measure("dense FFN, d_ff = 8d", lambda: DenseFFN(SimpleNamespace(n_embd=768, d_ff=8 * 768, bias=True)))
     measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", lambda: InfMoE(GPTConfig(ffn="inf")))

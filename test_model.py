@@ -26,7 +26,7 @@ import prepare_fineweb
 import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
-from model import GPT, GPTConfig, averaged_topk_mask, inf_ffn_reference
+from model import GPT, GPTConfig, averaged_topk_mask, inf_ffn_reference, selection_scores
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard,
                              shard_paths, write_shard)
 from train import collate, hellaswag_eval, render_example, score_endings
@@ -127,7 +127,7 @@ def test_top_fraction_keeps_exactly_n_at_their_values():
     torch.manual_seed(0)
     d_ff, d_z, r = 50, 6, 0.3
     z, W_z = torch.randn(1, 7, d_z), torch.randn(d_ff, d_z)
-    M, counts = averaged_topk_mask(z, W_z, r)
+    M, counts, _ = averaged_topk_mask(z, W_z, r)
     scores = z[0] @ W_z.t()
     n_keep = 15  # round(0.3 * 50)
     assert ((M != 0).sum(-1) == n_keep).all()
@@ -1736,3 +1736,106 @@ def test_train_with_aux_loss_free_balancing(shards, tmp_path):
     steps = bias / 0.01
     assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
     assert len(read_log(out)[-2]["load"]) == 4
+
+
+# ---- the fast PyTorch ∞-MoE path (model.inf_ffn_reference)
+
+def naive_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """The oracle: K separate expert passes f(x, z_k) = W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged,
+    plain autograd. mask_k keeps every score >= the n_keep-th largest of its row (found by a full
+    sort) at its own value. Returns y, counts and n_active like inf_ffn_reference."""
+    n_keep = max(1, round(top_frac * W_z.shape[0]))
+    ys, masks = [], []
+    for k in range(z.shape[0]):
+        m = z[k] @ W_z.t()
+        kth = m.detach().sort(dim=-1, descending=True).values[:, n_keep - 1:n_keep]
+        masks.append(torch.where(m >= kth, m, torch.zeros_like(m)))
+        ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * masks[-1].to(x.dtype), W2, b2))
+    counts = sum((mk.detach() != 0).sum(0) for mk in masks).float()  # random scores: no kept 0.0
+    return sum(ys) / len(ys), counts, (sum(masks) != 0).sum().float()
+
+
+def fast_and_naive(inp, top_frac, dy):
+    return run(inf_ffn_reference, inp, top_frac, dy), run(naive_inf_ffn, inp, top_frac, dy)
+
+
+@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (2, True, 0.25), (3, False, 0.1),
+                                             (4, True, 0.5), (2, False, 1.0)])
+def test_fast_path_matches_naive_k_pass(K, bias, top_frac):
+    inp = make_inputs(N=29, d=12, d_ff=40, d_z=6, K=K, bias=bias, seed=10 + K)
+    dy = torch.randn(29, 12, generator=torch.Generator().manual_seed(2))
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = fast_and_naive(inp, top_frac, dy)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and counts.sum() == K * 29 * max(1, round(top_frac * 40))
+    assert n_active.item() == n_active0.item()
+    assert grads.keys() == grads0.keys() == {k for k, v in inp.items() if v is not None}
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_path_ties_by_hand():
+    # m = z W_z^T with W_z = I is the integer score table itself (exact in fp32). d_ff = 8, r = 25%:
+    # n_keep = 2. Sample 0, row 0: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest 3 -> keep the 5 and four 3s.
+    # Sample 0, row 1: all 2 -> keep all eight. Sample 1, row 0: [0, 0, 0, 1, -1, -1, -1, -1] -> keep
+    # the 1 and the three zeros (kept, though worth 0); row 1: [4, -1, ..., -1] -> 2nd largest -1 -> all eight.
+    s0 = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8])
+    s1 = torch.tensor([[0., 0, 0, 1, -1, -1, -1, -1], [4., -1, -1, -1, -1, -1, -1, -1]])
+    inp = make_inputs(N=2, d=5, d_ff=8, d_z=8, K=2, bias=True)
+    inp["z"], inp["W_z"] = torch.stack([s0, s1]).requires_grad_(), torch.eye(8).requires_grad_()
+    keep0 = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8], dtype=torch.bool)
+    keep1 = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8], dtype=torch.bool)
+    M, counts, keep = averaged_topk_mask(inp["z"].detach(), inp["W_z"].detach(), 0.25)
+    assert torch.equal(keep[0], keep0) and torch.equal(keep[1], keep1)
+    torch.testing.assert_close(M, (torch.where(keep0, s0, 0.0) + torch.where(keep1, s1, 0.0)) / 2)
+    assert counts.tolist() == (keep0.sum(0) + keep1.sum(0)).float().tolist()
+    dy = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
+    (y, counts, n_active, grads), (y0, _, _, grads0) = fast_and_naive(inp, 0.25, dy)
+    torch.testing.assert_close(y, y0)
+    assert n_active.item() == (M != 0).sum().item() == 14  # row 0: units 0-4 and 7; row 1: all eight
+    # sample 1's kept zeros add nothing to M but pass gradient to their scores (W_z = I: dz_1 = dL/dm_1)
+    assert (grads["z"][1, 0, :3] != 0).all() and (grads["z"][1, 0, 4:] == 0).all()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_fast_path_gradcheck_float64(K):
+    # float64 inputs keep the scores in float64, so finite differences check every gradient,
+    # those of W_z and z included (random scores: the selection does not flip within eps)
+    inp = make_inputs(N=6, d=5, d_ff=12, d_z=4, K=K, bias=True, seed=K, dtype=torch.float64)
+    inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
+    inp["z"] = inp["z"].detach().double().requires_grad_()
+    args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
+    assert torch.autograd.gradcheck(lambda *a: inf_ffn_reference(*a, 0.4)[0], args)
+
+
+def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
+    # activation memory: what autograd keeps beyond the inputs, against a dense FFN of the same width
+    # (which keeps its pre-activation and its activation: 2 fp32 tokens x d_ff tensors)
+    inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True)
+    inputs = {t.data_ptr() for t in inp.values() if t is not None}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = inf_ffn_reference(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
+    y.sum().backward()
+    kept = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
+    dense = 2 * 64 * 96 * 4
+    assert sum(kept.values()) <= 1.5 * dense, kept
+
+
+def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
+    # a script that allowed TF32 / bf16 matmuls (train.py uses the legacy allow_tf32 flag) gets its
+    # flags back, and the score product itself runs with both backends at "ieee"
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **kw: seen.append(
+        (cuda.fp32_precision, mkldnn.fp32_precision)) or matmul(*a, **kw))
+    old = cuda.allow_tf32, mkldnn.fp32_precision
+    try:
+        cuda.allow_tf32, mkldnn.fp32_precision = True, "bf16"
+        z, W_z = torch.randn(5, 3), torch.randn(7, 3)
+        torch.testing.assert_close(selection_scores(z, W_z), (z.double() @ W_z.double().t()).float())
+        assert seen == [("ieee", "ieee")]
+        assert cuda.allow_tf32 is True and mkldnn.fp32_precision == "bf16"
+    finally:
+        cuda.allow_tf32, mkldnn.fp32_precision = old
