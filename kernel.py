@@ -28,7 +28,12 @@ Why it is exact. A neuron's keep decision is taken once, in the select kernel, b
 with a threshold found in those very scores; later kernels read the decision from the bits and only
 recompute the *value* of a kept score. So no recomputation can change which neurons are kept (a
 threshold recomputed in a different summation order could drop the n_keep-th neuron). The scores
-used for the decision are torch's fp32 product, as in the reference.
+used for the decision are torch's fp32 product, computed in IEEE fp32 (TF32 off for that matmul
+whatever the caller set), as in the reference. Exact: the kernel keeps exactly the neurons whose
+scores, as computed, are >= the n_keep-th largest of their row. Not bit-exact on a GPU: the reference
+multiplies all rows at once and the kernel a chunk of rows at a time, and cuBLAS may sum in another
+order for another shape; two scores within a rounding error of each other can then rank differently
+in the two paths, so at such near-ties one path may keep a neuron the other drops.
 
 Tie rule. The search returns exactly the n_keep-th largest score and every score >= it is kept, so
 exact ties at the threshold are all kept (more than n_keep neurons), as `m >= thr` in the reference.
@@ -41,11 +46,22 @@ inputs. Not the scores, not M, not h (GELU is recomputed from pre).
 Precision: fp32 inputs use full-fp32 dots ("ieee", no TF32) and match the reference tightly; bf16
 inputs use bf16 GEMMs with fp32 accumulation and TF32 for the d_z-deep score values (errors of the
 order of bf16 rounding; the keep decisions are unaffected).
+
+On GPUs this code never ran on:
+  - `python kernel.py --compile-check` compiles every kernel, in every launch configuration the code
+    can choose, for sm80/86/89/90 with Triton's own compiler (no GPU needed) and fails on spills or
+    on shared memory beyond the GPU's. Autotune candidates are per dtype and pruned by the device's
+    shared memory before tuning.
+  - The kernel is two torch.library custom ops (forward, backward) with shape-only fake versions, so
+    torch.compile of the model stays one graph.
+  - use_kernel=auto asks `kernel_ok`, which compares the kernel with the PyTorch path once per device
+    and dtype and falls back to PyTorch, with one warning, when they disagree.
 """
 import argparse
 import os
 import sys
 import warnings
+from functools import partial
 
 from typing import List, Optional, Tuple
 
@@ -170,11 +186,13 @@ def _tile(N, F, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 # their operands in registers (no tensor cores), and BK = 64 spills on sm80. Candidates that do not
 # fit the device's per-block shared memory (99 KB on an RTX 3090/4090, L40S; 163 KB on an A100;
 # 227 KB on an H100) are dropped before tuning by `_prune`.
-GEMM_CANDIDATES = {torch.bfloat16: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 3)],
+GEMM_CANDIDATES = {torch.bfloat16: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4),
+                                    (64, 64, 64, 4, 3)],
                    torch.float32: [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]}
-ROUTER_CANDIDATES = {torch.bfloat16: [(64, 64, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 3), (64, 32, 0, 4, 3),
-                                      (32, 32, 0, 4, 3)],
-                     torch.float32: [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3)]}
+DZ_CANDIDATES = {torch.bfloat16: [(64, 64, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 3), (64, 32, 0, 4, 3),
+                                  (32, 32, 0, 4, 3)],
+                 torch.float32: [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3)]}
+DWZ_CANDIDATES = {**DZ_CANDIDATES, torch.float32: [(32, 32, 0, 4, 3)]}  # 64 x 32 spills in fp32 here
 
 
 def _candidates(table, interpret_meta, make):
@@ -189,8 +207,8 @@ def _gemm_configs():
                        lambda bm, bn, bk: dict(BM=bm, BN=bn, BK=bk, BZ=16, GROUP_M=8))
 
 
-def _router_configs():
-    return _candidates(ROUTER_CANDIDATES, dict(BM=16, BF=16), lambda bm, bf, _: dict(BM=bm, BF=bf))
+def _router_configs(table):
+    return _candidates(table, dict(BM=16, BF=16), lambda bm, bf, _: dict(BM=bm, BF=bf))
 
 
 def _shared_bytes(meta, num_stages, dtype, cap):
@@ -205,33 +223,33 @@ def _shared_bytes(meta, num_stages, dtype, cap):
     return depth * (BM * BF * el + max(BM, BF) * BZ * 4) + BM * BF * 4 + 2048
 
 
-def _launchable(configs, dtype, shared_limit, block_z, cap):
-    """The candidates for this dtype that fit in shared_limit bytes on sm<cap>, in candidate order."""
-    table = GEMM_CANDIDATES if "BK" in configs[0].kwargs else ROUTER_CANDIDATES
+def _launchable(table, configs, dtype, shared_limit, block_z, cap):
+    """The configs of table[dtype] that fit in shared_limit bytes on sm<cap>, in candidate order."""
     key = lambda c: (c.kwargs["BM"], c.kwargs.get("BN", c.kwargs.get("BF")), c.kwargs.get("BK", 0),
                      c.num_warps, c.num_stages)
     return [c for c in configs if key(c) in table[dtype]
             and _shared_bytes({"BLOCK_Z": block_z, **c.kwargs}, c.num_stages, dtype, cap) <= shared_limit]
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(table, configs, named_args, **kwargs):
     """Autotune pre-filter: this dtype's candidates that fit the device's per-block shared memory."""
     x = next(v for k, v in named_args.items() if k.endswith("_ptr"))  # activations: x, dy or dm
     if INTERPRET or not x.is_cuda:
         return configs
     prop = torch.cuda.get_device_properties(x.device)
-    fit = _launchable(configs, x.dtype, prop.shared_memory_per_block_optin, kwargs.get("BLOCK_Z", 0),
+    fit = _launchable(table, configs, x.dtype, prop.shared_memory_per_block_optin, kwargs.get("BLOCK_Z", 0),
                       10 * prop.major + prop.minor)
     if not fit:
-        raise RuntimeError(f"kernel.py: no launch configuration fits {prop.shared_memory_per_block_optin} B of "
-                           f"shared memory on {torch.cuda.get_device_name(x.device)}; use use_kernel=off")
+        raise RuntimeError(f"kernel.py: no launch configuration fits the {prop.shared_memory_per_block_optin} B "
+                           f"of shared memory per block of {torch.cuda.get_device_name(x.device)}; "
+                           f"use use_kernel=off")
     return fit
 
 
 # ----------------------------------------------------------------------------- the two fused GEMMs
 # Tuned per power-of-two bucket of N (N_BUCKET), not per N: generation and HellaSwag change N at every call.
-@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], prune_configs_by=dict(early_config_prune=_prune),
-                 reset_to_zero=["counts_ptr", "nact_ptr"])
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, GEMM_CANDIDATES)))
 @triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, counts_ptr, nact_ptr,
                N, D, F, DZ, K, NB, N_BUCKET, HAS_B1: tl.constexpr, PREC: tl.constexpr, ZPREC: tl.constexpr,
@@ -254,7 +272,8 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, c
     tl.atomic_add(nact_ptr, tl.sum(tl.sum((M != 0.0).to(tl.int32), axis=1), axis=0))
 
 
-@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], prune_configs_by=dict(early_config_prune=_prune))
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, GEMM_CANDIDATES)))
 @triton.jit
 def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr, dm_ptr,
                      N, D, F, DZ, K, NB, N_BUCKET, PREC: tl.constexpr, ZPREC: tl.constexpr,
@@ -271,7 +290,8 @@ def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr,
 
 
 # ----------------------------------------------------------------------------- router gradients
-@triton.autotune(_router_configs(), key=["N_BUCKET", "F", "DZ", "K"], prune_configs_by=dict(early_config_prune=_prune))
+@triton.autotune(_router_configs(DZ_CANDIDATES), key=["N_BUCKET", "F", "DZ", "K"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, DZ_CANDIDATES)))
 @triton.jit
 def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPREC: tl.constexpr,
                BLOCK_Z: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr):
@@ -291,8 +311,8 @@ def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPRE
              mask=(rows[:, None] < N) & (zc[None, :] < DZ))
 
 
-@triton.autotune(_router_configs(), key=["N_BUCKET", "F", "DZ", "K"], prune_configs_by=dict(early_config_prune=_prune),
-                 reset_to_zero=["dwz_ptr"])
+@triton.autotune(_router_configs(DWZ_CANDIDATES), key=["N_BUCKET", "F", "DZ", "K"], reset_to_zero=["dwz_ptr"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, DWZ_CANDIDATES)))
 @triton.jit
 def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPREC: tl.constexpr,
                 BLOCK_Z: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr):
@@ -372,7 +392,7 @@ def _fwd_op(x: torch.Tensor, W1: torch.Tensor, b1: Optional[torch.Tensor], W2: t
     prec = _precision(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         bits = _select(z, W_z, n_keep)
-        pre, a = torch.empty(N, Fh, dtype=x.dtype, device=x.device), torch.empty(N, Fh, dtype=x.dtype, device=x.device)
+        pre, a = (torch.empty(N, Fh, dtype=x.dtype, device=x.device) for _ in range(2))
         counts = torch.zeros(Fh, dtype=torch.int32, device=x.device)
         nact = torch.zeros(1, dtype=torch.int32, device=x.device)
         grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
@@ -493,8 +513,8 @@ def kernel_ok(device, dtype):
         if problem:
             where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
             warnings.warn(f"kernel.py: the Triton ∞-MoE kernel disagrees with the PyTorch path on {where} "
-                          f"({str(dtype)[6:]}, Triton {triton.__version__}): {problem}. Using the PyTorch path "
-                          f"(use_kernel=on forces the kernel).", RuntimeWarning, stacklevel=2)
+                          f"({str(dtype)[6:]}, Triton {triton.__version__}): {problem}. Using the PyTorch "
+                          f"path (use_kernel=on forces the kernel).", RuntimeWarning, stacklevel=2)
         _VERDICTS[key] = not problem
     return _VERDICTS[key]
 
@@ -506,8 +526,8 @@ def _self_check(device, dtype):
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG stream is untouched
     N, d, d_ff, d_z, K = (16, 16, 32, 8, 2) if INTERPRET else (64, 64, 512, 32, 2)  # the interpreter is slow
     r = lambda *s, std=1.0, dt=dtype: (torch.randn(*s, device=device, generator=g) * std).to(dt)
-    inputs = [r(N, d), r(d_ff, d, std=d ** -0.5), r(d_ff, std=0.1), r(d, d_ff, std=d_ff ** -0.5), r(d, std=0.1),
-              r(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32), r(K, N, d_z, dt=torch.float32)]
+    inputs = [r(N, d), r(d_ff, d, std=d ** -0.5), r(d_ff, std=0.1), r(d, d_ff, std=d_ff ** -0.5),
+              r(d, std=0.1), r(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32), r(K, N, d_z, dt=torch.float32)]
     dy = r(N, d)
     names = ["y", "counts", "n_active", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
     results = []
@@ -547,7 +567,8 @@ def _launches(dtype, d, d_ff, d_z, K):
     prec = _precision(dtype)
     up = dict(x_ptr=a, w1_ptr=a, b1_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", pre_ptr=a, a_ptr=a,
               counts_ptr="i32", nact_ptr="i32")
-    down = dict(dy_ptr=a, w2_ptr=a, pre_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", dpre_ptr=a, dm_ptr=a)
+    down = dict(dy_ptr=a, w2_ptr=a, pre_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", dpre_ptr=a,
+                dm_ptr=a)
     dz = dict(dm_ptr=a, bits_ptr="u8", wz_ptr="fp32", dz_ptr="fp32")
     dwz = dict(dm_ptr=a, bits_ptr="u8", z_ptr="fp32", dwz_ptr="fp32")
     gemm_ints = ["N", "D", "F", "DZ", "K", "NB", "N_BUCKET"]
@@ -556,11 +577,12 @@ def _launches(dtype, d, d_ff, d_z, K):
     rows, block_f = _select_meta(d_ff)
     yield _select_kernel, dict(s_ptr="fp32", bits_ptr="u8"), ["n_rows", "F", "NB", "n_keep"], \
         dict(ROWS=rows, BLOCK_F=block_f), [(8, 3)], False
-    for kern, ptrs, ints, const in ((_up_kernel, up, gemm_ints, dict(HAS_B1=True, PREC=prec, ZPREC=prec)),
-                                    (_down_bwd_kernel, down, gemm_ints, dict(PREC=prec, ZPREC=prec)),
-                                    (_dz_kernel, dz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z)),
-                                    (_dwz_kernel, dwz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z))):
-        for cfg in _launchable(kern.configs, dtype, float("inf"), block_z, 90):  # this dtype's candidates
+    for kern, table, ptrs, ints, const in (
+            (_up_kernel, GEMM_CANDIDATES, up, gemm_ints, dict(HAS_B1=True, PREC=prec, ZPREC=prec)),
+            (_down_bwd_kernel, GEMM_CANDIDATES, down, gemm_ints, dict(PREC=prec, ZPREC=prec)),
+            (_dz_kernel, DZ_CANDIDATES, dz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z)),
+            (_dwz_kernel, DWZ_CANDIDATES, dwz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z))):
+        for cfg in _launchable(table, kern.configs, dtype, float("inf"), block_z, 90):  # this dtype's
             yield kern.fn, ptrs, ints, {**const, **cfg.kwargs}, [(cfg.num_warps, cfg.num_stages)], True
 
 
@@ -572,7 +594,8 @@ def _compile_one(fn, ptrs, ints, const, num_warps, num_stages, cap):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {**{k: "*" + v for k, v in ptrs.items()}, **{k: "i32" for k in ints}, **{k: "constexpr" for k in const}}
+    sig = {**{k: "*" + v for k, v in ptrs.items()}, **{k: "i32" for k in ints},
+           **{k: "constexpr" for k in const}}
     hinted = list(ptrs) + [k for k in ints if k not in ("K", "n_keep")]  # K = 2: no 16-divisibility
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
     log = io.StringIO()
@@ -642,8 +665,8 @@ def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32)
             verdict, spill = "SPILLS", spill + 1
         print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} {regs:4d} {spilled:6d} "
               f"{shared / 1024:6.1f}KB {limit // 1024:5d}KB  {verdict}")
-    print(f"({pruned} autotune configs need more shared memory than their arch has and are pruned before launch;"
-          f" not counted below)")
+    print(f"({pruned} autotune configs need more shared memory than their arch has: pruned before launch"
+          f" there, not counted below)")
     print(f"compile-check: {n} compiled, {fail} failed, {spill} spilling, {over} over shared memory")
     return fail + spill + over
 
@@ -672,8 +695,8 @@ def _measure(fn, args, dy, reps):
 
 def compile_check_main(argv):
     """`python kernel.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768,1024]`"""
-    p = argparse.ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; "
-                                "exit 0 when nothing the code can launch fails, spills or exceeds shared memory.")
+    p = argparse.ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; exit "
+                                "0 when nothing the code can launch fails, spills or exceeds shared memory.")
     p.add_argument("--compile-check", action="store_true", required=True)
     p.add_argument("--quick", action="store_true", help="one config per kernel, kernels spread over the archs")
     p.add_argument("--archs", default="80,86,89,90")
@@ -681,7 +704,8 @@ def compile_check_main(argv):
     p.add_argument("--d", default="768,1024", help="model widths; d_ff = 8d, d_z = 128, K = 2")
     args = p.parse_args(argv)
     if INTERPRET:
-        raise SystemExit("kernel.py --compile-check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+        raise SystemExit("kernel.py --compile-check: unset TRITON_INTERPRET (the interpreter compiles "
+                         "nothing)")
     archs = [int(a) for a in args.archs.split(",")]
     if not set(archs) <= set(ARCHS):
         raise SystemExit(f"kernel.py --archs={args.archs}: expected some of {','.join(map(str, ARCHS))}")

@@ -1003,14 +1003,15 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "kernel.py", "--compile-check", "--quick"], env=env, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "kernel.py", "--compile-check", "--quick"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
     assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
     assert {r[1] for r in rows} == {"sm80", "sm86", "sm89", "sm90"}
     assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
-    assert out.stdout.splitlines()[-1] == "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
+    summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
+    assert out.stdout.splitlines()[-1] == summary
 
 
 @pytest.mark.parametrize("use_kernel", ["on", "off"])
@@ -1052,7 +1053,8 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
 
     monkeypatch.setattr(kernel, "_VERDICTS", {})
     monkeypatch.setattr(kernel, "inf_ffn", skewed)
-    with pytest.warns(RuntimeWarning, match=r"disagrees .* on cpu .*: dW_z \(max abs error [0-9.e-]+\)\. Using") as w:
+    expected = r"disagrees .* on cpu .*: dW_z \(max abs error [0-9.e-]+\)\. Using"
+    with pytest.warns(RuntimeWarning, match=expected) as w:
         assert kernel.kernel_ok("cpu", torch.float32) is False
     assert len(w) == 1
     with warnings.catch_warnings():
