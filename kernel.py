@@ -407,8 +407,8 @@ def _fwd_op(x: torch.Tensor, W1: torch.Tensor, b1: Optional[torch.Tensor], W2: t
 def _(x, W1, b1, W2, b2, W_z, z, n_keep):
     (N, _), Fh, K = x.shape, W1.shape[0], z.shape[0]
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty(N, W2.shape[0]), x.new_empty(Fh, **f32), x.new_empty((), **f32), x.new_empty(N, Fh),
-            x.new_empty(N, Fh), x.new_empty(K, N, triton.cdiv(Fh, 8), dtype=torch.uint8))
+    return (x.new_empty(N, W2.shape[0]), x.new_empty(Fh, **f32), x.new_empty((), **f32),
+            x.new_empty(N, Fh), x.new_empty(N, Fh), x.new_empty(K, N, triton.cdiv(Fh, 8), dtype=torch.uint8))
 
 
 @torch.library.custom_op("infmoe::inf_ffn_bwd", mutates_args=())
@@ -429,11 +429,13 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tenso
         if need[6]:
             dz = torch.empty_like(z)
             _dz_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), K)](
-                dM, bits, W_z, dz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec, BLOCK_Z=BLOCK_Z)
+                dM, bits, W_z, dz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec,
+                BLOCK_Z=BLOCK_Z)
         if need[5]:
             dwz = torch.zeros_like(W_z)
             _dwz_kernel[lambda meta: _dwz_grid(N, Fh, meta["BM"], meta["BF"], x.device)](
-                dM, bits, z, dwz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec, BLOCK_Z=BLOCK_Z)
+                dM, bits, z, dwz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec,
+                BLOCK_Z=BLOCK_Z)
         if need[0]:
             dx = dpre @ W1
         if need[1]:
