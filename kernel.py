@@ -525,23 +525,28 @@ def _self_check(device, dtype):
     """'' when inf_ffn matches the reference on a small problem, else what differed."""
     from model import inf_ffn_reference
 
-    g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG stream is untouched
-    N, d, d_ff, d_z, K = (16, 16, 32, 8, 2) if INTERPRET else (64, 64, 512, 32, 2)  # the interpreter is slow
+    # Its own generator: the training run's random stream is untouched. Tiny in the (slow) interpreter.
+    g = torch.Generator(device=device).manual_seed(0)
+    N, d, d_ff, d_z, K = (16, 16, 32, 8, 2) if INTERPRET else (64, 64, 512, 32, 2)
     r = lambda *s, std=1.0, dt=dtype: (torch.randn(*s, device=device, generator=g) * std).to(dt)
     inputs = [r(N, d), r(d_ff, d, std=d ** -0.5), r(d_ff, std=0.1), r(d, d_ff, std=d_ff ** -0.5),
               r(d, std=0.1), r(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32), r(K, N, d_z, dt=torch.float32)]
     dy = r(N, d)
     names = ["y", "counts", "n_active", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
     results = []
-    for fn in (inf_ffn_reference, inf_ffn):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        try:
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 (train.py turns it on): the kernel's fp32 dots
+    try:
+        for fn in (inf_ffn_reference, inf_ffn):
+            leaves = [t.clone().requires_grad_() for t in inputs]
             with torch.autocast(device.type, enabled=False):
                 y, counts, n_active = fn(*leaves, 0.25)
                 y.backward(dy)
-        except Exception as e:  # a launch or compile error is a verdict, not a crash
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        results.append([y.detach(), counts.float(), n_active.float()] + [t.grad for t in leaves])
+            results.append([y.detach(), counts.float(), n_active.float()] + [t.grad for t in leaves])
+    except Exception as e:  # a launch or compile error is a verdict, not a crash
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    finally:
+        torch.set_float32_matmul_precision(precision)
     rtol, atol = TOLERANCES[dtype]
     bad = []
     for name, want, got in zip(names, *results):
