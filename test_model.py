@@ -1015,8 +1015,8 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
 
 
 def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch):
-    # The kernel is one custom op with a fake implementation and its autograd: no graph break, and
-    # AOTAutograd (the aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
+    # The kernel is a custom op (forward, backward) with fake versions and its autograd: no graph break,
+    # and AOTAutograd (the aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
     monkeypatch.setattr(kernel, "_self_check", lambda *a: pytest.fail("use_kernel=on ran the self-check"))
     torch._dynamo.reset()
     torch.manual_seed(0)
