@@ -28,7 +28,12 @@ Why it is exact. A neuron's keep decision is taken once, in the select kernel, b
 with a threshold found in those very scores; later kernels read the decision from the bits and only
 recompute the *value* of a kept score. So no recomputation can change which neurons are kept (a
 threshold recomputed in a different summation order could drop the n_keep-th neuron). The scores
-used for the decision are torch's fp32 product, as in the reference.
+used for the decision are torch's fp32 product, computed in IEEE fp32 (TF32 off for that matmul
+whatever the caller set), as in the reference. Exact: the kernel keeps exactly the neurons whose
+scores, as computed, are >= the n_keep-th largest of their row. Not bit-exact on a GPU: the reference
+multiplies all rows at once and the kernel a chunk of rows at a time, and cuBLAS may sum in another
+order for another shape; two scores within a rounding error of each other can then rank differently
+in the two paths, so at such near-ties one path may keep a neuron the other drops.
 
 Tie rule. The search returns exactly the n_keep-th largest score and every score >= it is kept, so
 exact ties at the threshold are all kept (more than n_keep neurons), as `m >= thr` in the reference.
@@ -41,10 +46,25 @@ inputs. Not the scores, not M, not h (GELU is recomputed from pre).
 Precision: fp32 inputs use full-fp32 dots ("ieee", no TF32) and match the reference tightly; bf16
 inputs use bf16 GEMMs with fp32 accumulation and TF32 for the d_z-deep score values (errors of the
 order of bf16 rounding; the keep decisions are unaffected).
+
+On GPUs this code never ran on:
+  - `python kernel.py --compile-check` compiles every kernel, in every launch configuration the code
+    can choose, for sm80/86/89/90 with Triton's own compiler (no GPU needed) and fails on spills or
+    on shared memory beyond the GPU's. Autotune candidates are per dtype and pruned by the device's
+    shared memory before tuning.
+  - The kernel is two torch.library custom ops (forward, backward) with shape-only fake versions, so
+    torch.compile of the model stays one graph.
+  - use_kernel=auto asks `kernel_ok`, which compares the kernel with the PyTorch path once per device
+    and dtype and falls back to PyTorch, with one warning, when they disagree.
 """
-import os
-import time
 import argparse
+import os
+import sys
+import time
+import warnings
+from functools import partial
+
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,17 +180,77 @@ def _tile(N, F, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return pid_m * BM, pid_n * BN
 
 
-# ----------------------------------------------------------------------------- the two fused GEMMs
-def _gemm_configs():
+# ----------------------------------------------------------------------------- launch configurations
+# Autotune candidates per activation dtype as (BM, BN or BF, BK, num_warps, num_stages): tiles that
+# `python kernel.py --compile-check` compiles without register spills for sm80, sm86, sm89 and sm90.
+# fp32 takes half-depth (BK = 32) GEMM tiles and smaller router tiles: its full-precision dots hold
+# their operands in registers (no tensor cores), and BK = 64 spills on sm80. Candidates that do not
+# fit the device's per-block shared memory (99 KB on an RTX 3090/4090, L40S; 163 KB on an A100;
+# 227 KB on an H100) are dropped before tuning by `_prune`.
+GEMM_CANDIDATES = {torch.bfloat16: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4),
+                                    (64, 64, 64, 4, 3)],
+                   torch.float32: [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]}
+DZ_CANDIDATES = {torch.bfloat16: [(64, 64, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 3), (64, 32, 0, 4, 3),
+                                  (32, 32, 0, 4, 3)],
+                 torch.float32: [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3)]}
+DWZ_CANDIDATES = {**DZ_CANDIDATES, torch.float32: [(32, 32, 0, 4, 3)]}  # 64 x 32 spills in fp32 here
+
+
+def _candidates(table, interpret_meta, make):
     if INTERPRET:  # one small tile: the CPU tests stay fast and exercise the edge handling
-        return [triton.Config(dict(BM=16, BN=16, BK=16, BZ=16, GROUP_M=2), num_warps=1)]
-    # H100: tiles whose epilogue (M in registers next to the GEMM result) compiles without spills
-    return [triton.Config(dict(BM=bm, BN=bn, BK=64, BZ=16, GROUP_M=8), num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]]
+        return [triton.Config(interpret_meta, num_warps=1)]
+    rows = dict.fromkeys(r for per_dtype in table.values() for r in per_dtype)  # union, in order
+    return [triton.Config(make(*r[:3]), num_warps=r[3], num_stages=r[4]) for r in rows]
 
 
+def _gemm_configs():
+    return _candidates(GEMM_CANDIDATES, dict(BM=16, BN=16, BK=16, BZ=16, GROUP_M=2),
+                       lambda bm, bn, bk: dict(BM=bm, BN=bn, BK=bk, BZ=16, GROUP_M=8))
+
+
+def _router_configs(table):
+    return _candidates(table, dict(BM=16, BF=16), lambda bm, bf, _: dict(BM=bm, BF=bf))
+
+
+def _shared_bytes(meta, num_stages, dtype, cap):
+    """Shared memory (bytes) a config needs on compute capability cap, as Triton 3.x lays it out: the
+    tiles a loop loads, buffered num_stages - 1 deep (num_stages deep on sm90+), plus 2 KB for
+    reductions. `python kernel.py --compile-check` checks it is never below the compiler's figure."""
+    el, depth = torch.finfo(dtype).bits // 8, num_stages if cap >= 90 else num_stages - 1
+    if "BK" in meta:  # _up_kernel / _down_bwd_kernel: an x (or dy) tile and a weight tile
+        return depth * (meta["BM"] + meta["BN"]) * meta["BK"] * el + 2048
+    # _dz_kernel / _dwz_kernel: a dm tile and a W_z (or z) tile in fp32, plus dm in fp32 for the dot
+    BM, BF, BZ = meta["BM"], meta["BF"], meta["BLOCK_Z"]
+    return depth * (BM * BF * el + max(BM, BF) * BZ * 4) + BM * BF * 4 + 2048
+
+
+def _launchable(table, configs, dtype, shared_limit, block_z, cap):
+    """The configs of table[dtype] that fit in shared_limit bytes on sm<cap>, in candidate order."""
+    key = lambda c: (c.kwargs["BM"], c.kwargs.get("BN", c.kwargs.get("BF")), c.kwargs.get("BK", 0),
+                     c.num_warps, c.num_stages)
+    return [c for c in configs if key(c) in table[dtype]
+            and _shared_bytes({"BLOCK_Z": block_z, **c.kwargs}, c.num_stages, dtype, cap) <= shared_limit]
+
+
+def _prune(table, configs, named_args, **kwargs):
+    """Autotune pre-filter: this dtype's candidates that fit the device's per-block shared memory."""
+    x = next(v for k, v in named_args.items() if k.endswith("_ptr"))  # activations: x, dy or dm
+    if INTERPRET or not x.is_cuda:
+        return configs
+    prop = torch.cuda.get_device_properties(x.device)
+    fit = _launchable(table, configs, x.dtype, prop.shared_memory_per_block_optin, kwargs.get("BLOCK_Z", 0),
+                      10 * prop.major + prop.minor)
+    if not fit:
+        raise RuntimeError(f"kernel.py: no launch configuration fits the {prop.shared_memory_per_block_optin} B "
+                           f"of shared memory per block of {torch.cuda.get_device_name(x.device)}; "
+                           f"use use_kernel=off")
+    return fit
+
+
+# ----------------------------------------------------------------------------- the two fused GEMMs
 # Tuned per power-of-two bucket of N (N_BUCKET), not per N: generation and HellaSwag change N at every call.
-@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"])
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"], reset_to_zero=["counts_ptr", "nact_ptr"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, GEMM_CANDIDATES)))
 @triton.jit
 def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, counts_ptr, nact_ptr,
                N, D, F, DZ, K, NB, N_BUCKET, HAS_B1: tl.constexpr, PREC: tl.constexpr, ZPREC: tl.constexpr,
@@ -193,7 +273,8 @@ def _up_kernel(x_ptr, w1_ptr, b1_ptr, z_ptr, wz_ptr, bits_ptr, pre_ptr, a_ptr, c
     tl.atomic_add(nact_ptr, tl.sum(tl.sum((M != 0.0).to(tl.int32), axis=1), axis=0))
 
 
-@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"])
+@triton.autotune(_gemm_configs(), key=["N_BUCKET", "D", "F", "K"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, GEMM_CANDIDATES)))
 @triton.jit
 def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr, dm_ptr,
                      N, D, F, DZ, K, NB, N_BUCKET, PREC: tl.constexpr, ZPREC: tl.constexpr,
@@ -210,9 +291,11 @@ def _down_bwd_kernel(dy_ptr, w2_ptr, pre_ptr, z_ptr, wz_ptr, bits_ptr, dpre_ptr,
 
 
 # ----------------------------------------------------------------------------- router gradients
+@triton.autotune(_router_configs(DZ_CANDIDATES), key=["N_BUCKET", "F", "DZ", "K"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, DZ_CANDIDATES)))
 @triton.jit
-def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, ZPREC: tl.constexpr,
-               BM: tl.constexpr, BF: tl.constexpr, BLOCK_Z: tl.constexpr):
+def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPREC: tl.constexpr,
+               BLOCK_Z: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr):
     # dz_k[rows] = sum over neurons of dm_k[rows, f] W_z[f]; one program = BM tokens of one sample
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
@@ -229,11 +312,14 @@ def _dz_kernel(dm_ptr, bits_ptr, wz_ptr, dz_ptr, N, F, DZ, K, NB, ZPREC: tl.cons
              mask=(rows[:, None] < N) & (zc[None, :] < DZ))
 
 
+@triton.autotune(_router_configs(DWZ_CANDIDATES), key=["N_BUCKET", "F", "DZ", "K"], reset_to_zero=["dwz_ptr"],
+                 prune_configs_by=dict(early_config_prune=partial(_prune, DWZ_CANDIDATES)))
 @triton.jit
-def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, SPLIT, ZPREC: tl.constexpr,
-                BM: tl.constexpr, BF: tl.constexpr, BLOCK_Z: tl.constexpr):
+def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPREC: tl.constexpr,
+                BLOCK_Z: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr):
     # dW_z[cols] = sum_k sum_n dm_k[n, cols]^T z_k[n]. One program = BF neurons and every SPLIT-th
     # block of tokens; the SPLIT partial sums meet in an atomic add (F/BF programs alone are too few).
+    SPLIT = tl.num_programs(1)
     c0 = tl.program_id(0) * BF
     cols, zc = c0 + tl.arange(0, BF), tl.arange(0, BLOCK_Z)
     acc = tl.zeros((BF, BLOCK_Z), tl.float32)
@@ -250,6 +336,18 @@ def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, SPLIT, ZPREC:
 
 
 # ----------------------------------------------------------------------------- autograd wrapper
+def _precision(dtype):
+    """tl.dot precision: fp32 inputs get full fp32 dots (no TF32); bf16 GEMMs ignore it, and the
+    d_z-deep dots that recompute kept score values then use TF32 (their error is below bf16's)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _select_meta(Fh):
+    """(ROWS, BLOCK_F) of the selection kernel: whole rows of scores in registers."""
+    BLOCK_F = max(8, triton.next_power_of_2(Fh))
+    return (16 if INTERPRET else max(1, min(4, 4096 // BLOCK_F))), BLOCK_F
+
+
 def _select(z, W_z, n_keep):
     """Keep bits (K, N, ceil(F/8)) uint8 of the per-row top-n_keep of z_k W_z^T (tie rule: >=)."""
     K, N, _ = z.shape
@@ -258,85 +356,126 @@ def _select(z, W_z, n_keep):
     bits = torch.empty(K, N, NB, dtype=torch.uint8, device=z.device)
     chunk = max(1, min(N, SCRATCH_ELEMS // Fh))
     scratch = torch.empty(chunk, Fh, dtype=torch.float32, device=z.device)
-    BLOCK_F = max(8, triton.next_power_of_2(Fh))
-    ROWS = 16 if INTERPRET else max(1, min(4, 4096 // BLOCK_F))
-    for k in range(K):
-        for r0 in range(0, N, chunk):
-            n = min(chunk, N - r0)
-            torch.matmul(z[k, r0:r0 + n], W_z.t(), out=scratch[:n])  # the reference's own product
-            _select_kernel[(triton.cdiv(n, ROWS),)](scratch, bits[k, r0:], n, Fh, NB, n_keep,
-                                                     ROWS=ROWS, BLOCK_F=BLOCK_F, num_warps=8)
+    ROWS, BLOCK_F = _select_meta(Fh)
+    # The scores that decide the selection are IEEE fp32 whatever TF32 setting the caller made
+    # (train.py turns TF32 on for everything else): TF32 would move near-ties.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for k in range(K):
+            for r0 in range(0, N, chunk):
+                n = min(chunk, N - r0)
+                torch.matmul(z[k, r0:r0 + n], W_z.t(), out=scratch[:n])  # m_k = W_z z_k, as the reference
+                _select_kernel[(triton.cdiv(n, ROWS),)](scratch, bits[k, r0:], n, Fh, NB, n_keep,
+                                                         ROWS=ROWS, BLOCK_F=BLOCK_F, num_warps=8)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return bits
 
 
-def _num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _dwz_grid(N, Fh, BM, BF, device):
+    # F/BF programs alone are too few to fill the GPU: split the tokens into up to 4 waves' worth.
+    n_f = triton.cdiv(Fh, BF)
+    if INTERPRET:
+        return (n_f, 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return (n_f, max(1, min(triton.cdiv(N, BM), 4 * sms // n_f)))
 
 
-class InfFFN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W1, b1, W2, b2, W_z, z, top_frac):
-        N, D, Fh, K = x.shape[0], x.shape[1], W1.shape[0], z.shape[0]
-        x, W1, W2 = x.contiguous(), W1.to(x.dtype).contiguous(), W2.to(x.dtype).contiguous()
-        b1, b2 = (None if b is None else b.to(x.dtype) for b in (b1, b2))  # autograd casts grads back
-        zf, wzf = z.float().contiguous(), W_z.float().contiguous()
-        n_keep = max(1, int(round(top_frac * Fh)))
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: no TF32 anywhere; bf16: only for d_z dots
-        with torch.autocast(x.device.type, enabled=False):
-            bits = _select(zf, wzf, n_keep)
-            pre, a = torch.empty(N, Fh, dtype=x.dtype, device=x.device), torch.empty(N, Fh, dtype=x.dtype, device=x.device)
-            counts = torch.zeros(Fh, dtype=torch.int32, device=x.device)
-            nact = torch.zeros(1, dtype=torch.int32, device=x.device)
-            grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
-            _up_kernel[grid](x, W1, b1 if b1 is not None else x, zf, wzf, bits, pre, a, counts, nact,
-                             N, D, Fh, zf.shape[2], K, bits.shape[2], triton.next_power_of_2(N),
-                             HAS_B1=b1 is not None, PREC=prec, ZPREC=prec)
-            y = F.linear(a, W2, b2)
-        ctx.save_for_backward(x, W1, W2, wzf, zf, pre, a, bits)
-        ctx.meta = (prec, b1 is not None, b2 is not None)
-        counts, n_active = counts.float(), nact[0].float()
-        ctx.mark_non_differentiable(counts, n_active)
-        return y, counts, n_active
-
-    @staticmethod
-    def backward(ctx, dy, _dcounts, _dnact):
-        x, W1, W2, wzf, zf, pre, a, bits = ctx.saved_tensors
-        prec, has_b1, has_b2 = ctx.meta
-        need = ctx.needs_input_grad
-        (N, D), Fh, (K, _, DZ), NB = x.shape, W1.shape[0], zf.shape, bits.shape[2]
-        dy = dy.to(x.dtype).contiguous()
-        dx = dW1 = db1 = dW2 = db2 = dwz = dz = None
-        with torch.autocast(x.device.type, enabled=False):
-            dpre, dM = torch.empty_like(pre), torch.empty_like(pre)
-            grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
-            _down_bwd_kernel[grid](dy, W2, pre, zf, wzf, bits, dpre, dM, N, D, Fh, DZ, K, NB,
-                                   triton.next_power_of_2(N), PREC=prec, ZPREC=prec)
-            BM, BF, nw = (16, 16, 1) if INTERPRET else (64, 64, 8)  # spill-free on H100
-            BLOCK_Z = max(16, triton.next_power_of_2(DZ))
-            if need[6]:
-                dz = torch.empty_like(zf)
-                _dz_kernel[(triton.cdiv(N, BM), K)](dM, bits, wzf, dz, N, Fh, DZ, K, NB, ZPREC=prec,
-                                                    BM=BM, BF=BF, BLOCK_Z=BLOCK_Z, num_warps=nw)
-            if need[5]:
-                dwz = torch.zeros_like(wzf)
-                n_f = triton.cdiv(Fh, BF)
-                split = 1 if INTERPRET else max(1, min(triton.cdiv(N, BM), 4 * _num_sms(x.device) // n_f))
-                _dwz_kernel[(n_f, split)](dM, bits, zf, dwz, N, Fh, DZ, K, NB, split, ZPREC=prec,
-                                          BM=BM, BF=BF, BLOCK_Z=BLOCK_Z, num_warps=nw)
-            if need[0]:
-                dx = dpre @ W1
-            if need[1]:
-                dW1 = dpre.t() @ x
-            if need[2] and has_b1:
-                db1 = dpre.sum(0)
-            if need[3]:
-                dW2 = dy.t() @ a
-            if need[4] and has_b2:
-                db2 = dy.sum(0)
-        return dx, dW1, db1, dW2, db2, dwz, dz, None
+# One custom op per direction, so torch.compile sees the whole FFN as one node of its graph (no graph
+# break) and the autograd link between them is registered with the op. The forward op also returns
+# what backward needs (pre, a, the keep bits); inf_ffn hands the user only y and the statistics.
+@torch.library.custom_op("infmoe::inf_ffn_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, W1: torch.Tensor, b1: Optional[torch.Tensor], W2: torch.Tensor,
+            b2: Optional[torch.Tensor], W_z: torch.Tensor, z: torch.Tensor, n_keep: int
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, D, Fh, K = x.shape[0], x.shape[1], W1.shape[0], z.shape[0]
+    prec = _precision(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        bits = _select(z, W_z, n_keep)
+        pre, a = (torch.empty(N, Fh, dtype=x.dtype, device=x.device) for _ in range(2))
+        counts = torch.zeros(Fh, dtype=torch.int32, device=x.device)
+        nact = torch.zeros(1, dtype=torch.int32, device=x.device)
+        grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
+        _up_kernel[grid](x, W1, b1 if b1 is not None else x, z, W_z, bits, pre, a, counts, nact,
+                         N, D, Fh, z.shape[2], K, bits.shape[2], triton.next_power_of_2(N),
+                         HAS_B1=b1 is not None, PREC=prec, ZPREC=prec)
+        y = F.linear(a, W2, b2)
+    return y, counts.float(), nact[0].float(), pre, a, bits
 
 
-@torch.compiler.disable  # torch.compile treats the kernel as one opaque call (its graph breaks here)
+@_fwd_op.register_fake
+def _(x, W1, b1, W2, b2, W_z, z, n_keep):
+    (N, _), Fh, K = x.shape, W1.shape[0], z.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty(N, W2.shape[0]), x.new_empty(Fh, **f32), x.new_empty((), **f32),
+            x.new_empty(N, Fh), x.new_empty(N, Fh), x.new_empty(K, N, triton.cdiv(Fh, 8), dtype=torch.uint8))
+
+
+@torch.library.custom_op("infmoe::inf_ffn_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, W_z: torch.Tensor,
+            z: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, need: List[bool]
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """Gradients (dx, dW1, db1, dW2, db2, dW_z, dz); those `need` does not ask for are empty."""
+    (N, D), Fh, (K, _, DZ), NB = x.shape, W1.shape[0], z.shape, bits.shape[2]
+    prec = _precision(x.dtype)
+    dx, dW1, db1, dW2, db2, dwz, dz = (x.new_empty(0) for _ in range(7))  # outputs may not alias
+    with torch.autocast(x.device.type, enabled=False):
+        dpre, dM = torch.empty_like(pre), torch.empty_like(pre)
+        grid = lambda meta: (triton.cdiv(N, meta["BM"]) * triton.cdiv(Fh, meta["BN"]),)
+        _down_bwd_kernel[grid](dy, W2, pre, z, W_z, bits, dpre, dM, N, D, Fh, DZ, K, NB,
+                               triton.next_power_of_2(N), PREC=prec, ZPREC=prec)
+        BLOCK_Z = max(16, triton.next_power_of_2(DZ))
+        if need[6]:
+            dz = torch.empty_like(z)
+            _dz_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), K)](
+                dM, bits, W_z, dz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec,
+                BLOCK_Z=BLOCK_Z)
+        if need[5]:
+            dwz = torch.zeros_like(W_z)
+            _dwz_kernel[lambda meta: _dwz_grid(N, Fh, meta["BM"], meta["BF"], x.device)](
+                dM, bits, z, dwz, N, Fh, DZ, K, NB, triton.next_power_of_2(N), ZPREC=prec,
+                BLOCK_Z=BLOCK_Z)
+        if need[0]:
+            dx = dpre @ W1
+        if need[1]:
+            dW1 = dpre.t() @ x
+        if need[2]:
+            db1 = dpre.sum(0)
+        if need[3]:
+            dW2 = dy.t() @ a
+        if need[4]:
+            db2 = dy.sum(0)
+    return dx, dW1, db1, dW2, db2, dwz, dz
+
+
+@_bwd_op.register_fake
+def _(dy, x, W1, W2, W_z, z, pre, a, bits, need):
+    shapes = [x, W1, W1[:, 0], W2, W2[:, 0], W_z, z]
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, need))
+
+
+def _setup_context(ctx, inputs, output):
+    x, W1, b1, W2, b2, W_z, z, _ = inputs
+    _, _, _, pre, a, bits = output
+    ctx.save_for_backward(x, W1, W2, W_z, z, pre, a, bits)
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    ctx.set_materialize_grads(False)  # only y has a gradient: no zero-filled N x d_ff tensors
+
+
+def _backward(ctx, dy, *_):
+    need = list(ctx.needs_input_grad[:7])
+    need[2], need[4] = need[2] and ctx.has_bias[0], need[4] and ctx.has_bias[1]
+    if dy is None or not any(need):
+        return (None,) * 8
+    grads = _bwd_op(dy.contiguous(), *ctx.saved_tensors, need)
+    return (*(g if n else None for g, n in zip(grads, need)), None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     """Fused infinite-MoE FFN. x (N, d), W1 (d_ff, d), b1 (d_ff,) or None, W2 (d, d_ff), b2 (d,) or None,
     W_z (d_ff, d_z), z (K, N, d_z), top_frac in (0, 1]. Returns (y (N, d) in x's dtype,
@@ -347,7 +486,197 @@ def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
                            "or use use_kernel='off' (the PyTorch reference path).")
     assert x.dim() == 2 and z.dim() == 3 and z.shape[1] == x.shape[0], "x is (N, d), z is (K, N, d_z)"
     assert 0.0 < top_frac <= 1.0, "top_frac must be in (0, 1]"
-    return InfFFN.apply(x, W1, b1, W2, b2, W_z, z, top_frac)
+    # The casts are autograd ops: gradients come back in each parameter's own dtype.
+    dt = x.dtype
+    W1, W2, b1, b2 = (None if t is None else t.to(dt).contiguous() for t in (W1, W2, b1, b2))
+    n_keep = max(1, int(round(top_frac * W1.shape[0])))
+    y, counts, n_active, _, _, _ = _fwd_op(x.contiguous(), W1, b1, W2, b2, W_z.float().contiguous(),
+                                           z.float().contiguous(), n_keep)
+    return y, counts.detach(), n_active.detach()
+
+
+# ----------------------------------------------------------------------------- use_kernel=auto
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2)}  # rtol, atol: the tests' own
+_VERDICTS = {}  # (device, dtype) -> did the kernel pass its self-check there
+
+
+@torch._dynamo.assume_constant_result  # torch.compile runs it once while tracing and keeps the answer
+def kernel_ok(device, dtype):
+    """use_kernel=auto: may the kernel be used for `dtype` activations on `device` (a string)?
+
+    The first call for a (device, dtype) runs inf_ffn and model.inf_ffn_reference on a small random
+    problem and compares the forward and every gradient with the tests' tolerances. On a mismatch or
+    an error it warns once, naming what differed and the GPU, and answers False from then on (the
+    PyTorch path is used). A GPU, driver or Triton version the kernel was never run on fails here
+    rather than in the middle of a training run.
+    """
+    key = (str(device), dtype)
+    if key not in _VERDICTS:
+        problem = _self_check(torch.device(device), dtype)
+        if problem:
+            where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+            warnings.warn(f"kernel.py: the Triton ∞-MoE kernel disagrees with the PyTorch path on {where} "
+                          f"({str(dtype)[6:]}, Triton {triton.__version__}): {problem}. Using the PyTorch "
+                          f"path (use_kernel=on forces the kernel).", RuntimeWarning, stacklevel=2)
+        _VERDICTS[key] = not problem
+    return _VERDICTS[key]
+
+
+def _self_check(device, dtype):
+    """'' when inf_ffn matches the reference on a small problem, else what differed."""
+    from model import inf_ffn_reference
+
+    # Its own generator: the training run's random stream is untouched. Tiny in the (slow) interpreter.
+    g = torch.Generator(device=device).manual_seed(0)
+    N, d, d_ff, d_z, K = (16, 16, 32, 8, 2) if INTERPRET else (64, 64, 512, 32, 2)
+    r = lambda *s, std=1.0, dt=dtype: (torch.randn(*s, device=device, generator=g) * std).to(dt)
+    inputs = [r(N, d), r(d_ff, d, std=d ** -0.5), r(d_ff, std=0.1), r(d, d_ff, std=d_ff ** -0.5),
+              r(d, std=0.1), r(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32), r(K, N, d_z, dt=torch.float32)]
+    dy = r(N, d)
+    names = ["y", "counts", "n_active", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
+    results = []
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 (train.py turns it on): the kernel's fp32 dots
+    try:
+        for fn in (inf_ffn_reference, inf_ffn):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            with torch.autocast(device.type, enabled=False):
+                y, counts, n_active = fn(*leaves, 0.25)
+                y.backward(dy)
+            results.append([y.detach(), counts.float(), n_active.float()] + [t.grad for t in leaves])
+    except Exception as e:  # a launch or compile error is a verdict, not a crash
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    rtol, atol = TOLERANCES[dtype]
+    bad = []
+    for name, want, got in zip(names, *results):
+        exact = name in ("counts", "n_active")
+        if want.shape != got.shape or not torch.allclose(got.float(), want.float(), rtol=0 if exact else rtol,
+                                                         atol=0 if exact else atol):
+            err = (got.float() - want.float()).abs().max().item() if want.shape == got.shape else float("nan")
+            bad.append(f"{name} (max abs error {err:.3g})")
+    return ", ".join(bad)
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+# Per-block shared memory (opt-in maximum) of each target, in bytes, and GPUs that have it.
+ARCHS = {80: (163 * 1024, "A100"), 86: (99 * 1024, "RTX 3090, A6000"), 89: (99 * 1024, "RTX 4090, L40S"),
+         90: (227 * 1024, "H100")}
+
+
+def _launches(dtype, d, d_ff, d_z, K):
+    """Every (kernel, constexprs, num_warps, num_stages, autotuned) inf_ffn can launch at this shape.
+
+    Types follow the real launch: activations and weights in `dtype`, router tensors fp32, keep bits
+    uint8, statistics int32; sizes divisible by 16 (as at training shapes) carry that hint.
+    """
+    a = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    prec = _precision(dtype)
+    up = dict(x_ptr=a, w1_ptr=a, b1_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", pre_ptr=a, a_ptr=a,
+              counts_ptr="i32", nact_ptr="i32")
+    down = dict(dy_ptr=a, w2_ptr=a, pre_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", dpre_ptr=a,
+                dm_ptr=a)
+    dz = dict(dm_ptr=a, bits_ptr="u8", wz_ptr="fp32", dz_ptr="fp32")
+    dwz = dict(dm_ptr=a, bits_ptr="u8", z_ptr="fp32", dwz_ptr="fp32")
+    gemm_ints = ["N", "D", "F", "DZ", "K", "NB", "N_BUCKET"]
+    router_ints = ["N", "F", "DZ", "K", "NB", "N_BUCKET"]
+    block_z = max(16, triton.next_power_of_2(d_z))
+    rows, block_f = _select_meta(d_ff)
+    yield _select_kernel, dict(s_ptr="fp32", bits_ptr="u8"), ["n_rows", "F", "NB", "n_keep"], \
+        dict(ROWS=rows, BLOCK_F=block_f), [(8, 3)], False
+    for kern, table, ptrs, ints, const in (
+            (_up_kernel, GEMM_CANDIDATES, up, gemm_ints, dict(HAS_B1=True, PREC=prec, ZPREC=prec)),
+            (_down_bwd_kernel, GEMM_CANDIDATES, down, gemm_ints, dict(PREC=prec, ZPREC=prec)),
+            (_dz_kernel, DZ_CANDIDATES, dz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z)),
+            (_dwz_kernel, DWZ_CANDIDATES, dwz, router_ints, dict(ZPREC=prec, BLOCK_Z=block_z))):
+        for cfg in _launchable(table, kern.configs, dtype, float("inf"), block_z, 90):  # this dtype's
+            yield kern.fn, ptrs, ints, {**const, **cfg.kwargs}, [(cfg.num_warps, cfg.num_stages)], True
+
+
+def _compile_one(fn, ptrs, ints, const, num_warps, num_stages, cap):
+    """AOT-compile one kernel for sm_<cap>: (registers, spill bytes, shared bytes), or the error text."""
+    import contextlib
+    import io
+    import re
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {**{k: "*" + v for k, v in ptrs.items()}, **{k: "i32" for k in ints},
+           **{k: "constexpr" for k in const}}
+    hinted = list(ptrs) + [k for k in ints if k not in ("K", "n_keep")]  # K = 2: no 16-divisibility
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+    log = io.StringIO()
+    # ptxas prints registers and spills (-v) to stdout; a cached binary would skip ptxas, so compile
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
+        triton.knobs.nvidia.dump_ptxas_log = triton.knobs.compilation.always_compile = True
+        try:
+            with contextlib.redirect_stdout(log):
+                c = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cap, 32),
+                                   options=dict(num_warps=num_warps, num_stages=num_stages))
+        except Exception as e:  # a compiler error is a row of the table, not the end of the check
+            return str(e).strip().splitlines()[0][:80]
+    text = log.getvalue()
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spill, c.metadata.shared
+
+
+_SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32), shapes=(768, 1024),
+                  quick=False):
+    """Compile every kernel x arch x dtype x config for real GPUs (no GPU needed); print the table.
+
+    quick: one configuration per kernel, the kernels spread over the archs (every kernel and every
+    arch at least once: the test suite's subset). Returns the number of problems (0 = clean).
+    """
+    jobs, seen = [], {}
+    for d in shapes:
+        for dtype in dtypes:
+            for fn, ptrs, ints, const, wst, tuned in _launches(dtype, d, 8 * d, 128, 2):
+                for cap in archs:
+                    jobs.append((fn, ptrs, ints, const, wst[0], tuned, cap, dtype, d))
+    if quick:
+        by_kernel = {}
+        for j in jobs:
+            by_kernel.setdefault(j[0].__name__, []).append(j)
+        jobs = [next(j for j in js if j[6] == archs[i % len(archs)] and j[7] == dtypes[-1])
+                for i, js in enumerate(by_kernel.values())]
+    print(f"{'kernel':<17s} {'arch':<5s} {'dtype':<5s} {'d':>5s}  {'config':<42s} {'regs':>4s} {'spill':>6s} "
+          f"{'shared':>8s} {'limit':>7s}  verdict")
+    n = fail = spill = over = pruned = 0
+    for fn, ptrs, ints, const, (w, s), tuned, cap, dtype, d in jobs:
+        key = (fn.__name__, tuple(sorted(ptrs.items())), tuple(sorted(const.items())), w, s, cap)
+        if key not in seen:  # d = 768 and 1024 often compile to the same binary
+            seen[key] = _compile_one(fn, ptrs, ints, const, w, s, cap)
+        res, limit = seen[key], ARCHS[cap][0]
+        cfg = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "ZPREC", "HAS_B1"))
+        cfg += f" w={w} s={s}"
+        name, dt = fn.__name__.strip("_").replace("_kernel", ""), _SHORT[dtype]
+        if isinstance(res, str):
+            fail += 1
+            print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} FAILED: {res}")
+            continue
+        n += 1
+        regs, spilled, shared = res
+        # the autotuner's pre-filter decides with _shared_bytes; the compiler's figure must agree
+        budget = _shared_bytes(const, s, dtype, cap) if tuned else limit
+        launchable = budget <= limit
+        verdict = "ok"
+        if not launchable:
+            verdict, pruned = "pruned on this arch", pruned + 1
+        elif shared > budget:  # over the arch's limit, or over what the autotune pre-filter assumed
+            verdict, over = "OVER SHARED MEMORY" if shared > limit else "OVER ITS ESTIMATE", over + 1
+        elif spilled:
+            verdict, spill = "SPILLS", spill + 1
+        print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} {regs:4d} {spilled:6d} "
+              f"{shared / 1024:6.1f}KB {limit // 1024:5d}KB  {verdict}")
+    print(f"({pruned} autotune configs need more shared memory than their arch has: pruned before launch"
+          f" there, not counted below)")
+    print(f"compile-check: {n} compiled, {fail} failed, {spill} spilling, {over} over shared memory")
+    return fail + spill + over
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -415,7 +744,33 @@ def _times(cases, dy, reps):
     return {name: tuple(t) for name, t in best.items()}
 
 
+def compile_check_main(argv):
+    """`python kernel.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768,1024]`"""
+    p = argparse.ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; exit "
+                                "0 when nothing the code can launch fails, spills or exceeds shared memory.")
+    p.add_argument("--compile-check", action="store_true", required=True)
+    p.add_argument("--quick", action="store_true", help="one config per kernel, kernels spread over the archs")
+    p.add_argument("--archs", default="80,86,89,90")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--d", default="768,1024", help="model widths; d_ff = 8d, d_z = 128, K = 2")
+    args = p.parse_args(argv)
+    if INTERPRET:
+        raise SystemExit("kernel.py --compile-check: unset TRITON_INTERPRET (the interpreter compiles "
+                         "nothing)")
+    archs = [int(a) for a in args.archs.split(",")]
+    if not set(archs) <= set(ARCHS):
+        raise SystemExit(f"kernel.py --archs={args.archs}: expected some of {','.join(map(str, ARCHS))}")
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if not set(args.dtypes.split(",")) <= set(names):
+        raise SystemExit(f"kernel.py --dtypes={args.dtypes}: expected bf16 and/or fp32")
+    print(f"Triton {triton.__version__}, torch {torch.__version__}; d_ff = 8d, d_z = 128, K = 2")
+    return compile_check(archs, [names[t] for t in args.dtypes.split(",")],
+                         [int(d) for d in args.d.split(",")], args.quick)
+
+
 def main():
+    if "--compile-check" in sys.argv[1:]:
+        raise SystemExit(1 if compile_check_main(sys.argv[1:]) else 0)
     p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
                                 "of width d_ff and 4d: the PyTorch path (model.inf_ffn_reference) on any device, "
                                 "the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")

@@ -517,7 +517,10 @@ class InfMoE(nn.Module):
 
     def use_kernel(self, x):
         mode = self.config.use_kernel
-        return mode == "on" or (mode == "auto" and x.is_cuda)
+        if mode == "auto" and x.is_cuda:  # the kernel checks itself once per device and dtype
+            import kernel
+            return kernel.kernel_ok(str(x.device), compute_dtype(x))
+        return mode == "on"
 
     def forward(self, x, eps=None):
         """x: (..., d). eps: optional fixed N(0, I) noise (K, *x.shape[:-1], d_z); K is read from it."""

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -1839,3 +1840,75 @@ def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
         assert cuda.allow_tf32 is True and mkldnn.fp32_precision == "bf16"
     finally:
         cuda.allow_tf32, mkldnn.fp32_precision = old
+
+
+# ---- GPU readiness (kernel.py): compile check for real GPUs, one graph under torch.compile, use_kernel=auto
+
+def test_compile_check_every_kernel_on_every_arch(tmp_path):
+    # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "kernel.py", "--compile-check", "--quick"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
+    assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
+    assert {r[1] for r in rows} == {"sm80", "sm86", "sm89", "sm90"}
+    assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
+    summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
+    assert out.stdout.splitlines()[-1] == summary
+
+
+def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch):
+    # The kernel is a custom op (forward, backward) with fake versions and its autograd: no graph break,
+    # and AOTAutograd (the aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
+    monkeypatch.setattr(kernel, "_self_check", lambda *a: pytest.fail("use_kernel=on ran the self-check"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(tiny("inf", use_kernel="on", n_layer=1, n_embd=16))  # 16 tokens: one row tile
+    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    explained = torch._dynamo.explain(model)(idx, targets)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for m in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same ∞-MoE noise
+        _, loss = m(idx, targets)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_use_kernel_auto_checks_itself_once(monkeypatch):
+    monkeypatch.setattr(kernel, "_VERDICTS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passing check says nothing
+        assert kernel.kernel_ok("cpu", torch.float32) is True
+
+    # a kernel whose W_z gradient is 1.5x too large: the check names dW_z (and nothing else), once
+    real = kernel.inf_ffn
+
+    def skewed(x, W1, b1, W2, b2, W_z, z, top_frac):
+        W_z = W_z.view_as(W_z)
+        W_z.register_hook(lambda g: g * 1.5)
+        return real(x, W1, b1, W2, b2, W_z, z, top_frac)
+
+    monkeypatch.setattr(kernel, "_VERDICTS", {})
+    monkeypatch.setattr(kernel, "inf_ffn", skewed)
+    expected = r"disagrees .* on cpu .*: dW_z \(max abs error [0-9.e-]+\)\. Using"
+    with pytest.warns(RuntimeWarning, match=expected) as w:
+        assert kernel.kernel_ok("cpu", torch.float32) is False
+    assert len(w) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided: no second warning, still the PyTorch path
+        assert kernel.kernel_ok("cpu", torch.float32) is False
+
+    # a launch error is a verdict too
+    def broken(*args):
+        raise RuntimeError("out of resources: shared memory, Required: 114688, Hardware limit: 101376")
+
+    monkeypatch.setattr(kernel, "inf_ffn", broken)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: out of resources: shared memory"):
+        assert kernel.kernel_ok("cpu", torch.bfloat16) is False

@@ -755,9 +755,11 @@ def train(cfg, model_args, ckpt, data_start):
         torch.backends.cudnn.allow_tf32 = True
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if dtype == "float32" and model_args["ffn"] in ("switch", "top2") and (cfg.compile or device.type == "cuda"):
-        raise ValueError(f"--ffn={model_args['ffn']} with --compile or on CUDA needs --dtype=bfloat16: "
-                         f"grouped_mm takes bf16 there (float32 works eagerly on the CPU)")
+    # torch.compile's shape function for grouped_mm accepts bf16 only; eager float32 runs on the CPU
+    # and on CUDA (there through torch's one-matmul-per-expert fallback: slow, see README).
+    if dtype == "float32" and model_args["ffn"] in ("switch", "top2") and cfg.compile:
+        raise ValueError(f"--ffn={model_args['ffn']} with --compile needs --dtype=bfloat16: torch.compile "
+                         f"traces grouped_mm in bf16 only (float32 runs without --compile)")
     if cfg.gradient_accumulation_steps % world:  # it counts micro-batches of all processes together
         raise ValueError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                          f"the {world} processes")
