@@ -28,6 +28,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     ffn: str = "dense"          # dense | switch | top2 | inf
+    d_ff_mult: int = 0          # FFN hidden width (the whole expert space) in units of n_embd; 0: the
+                                # FFN's default (dense 4, switch/top2/inf 8)
     # discrete MoE (switch, top2)
     n_expert: int = 4
     moe_top_k: int = 0            # experts per token; 0: 1 for switch, 2 for top2 (changeable at inference)
@@ -51,7 +53,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.z_samples={self.z_samples}: need at least one sample")
         if self.use_kernel not in ("auto", "on", "off"):
             raise ValueError(f"GPTConfig.use_kernel={self.use_kernel!r}: expected auto, on or off")
+        if self.d_ff_mult < 0:
+            raise ValueError(f"GPTConfig.d_ff_mult={self.d_ff_mult}: must be >= 0 (0: the FFN's default)")
         if self.ffn in ("switch", "top2"):
+            if self.d_ff % self.n_expert:
+                raise ValueError(f"GPTConfig: d_ff={self.d_ff} is not divisible by n_expert={self.n_expert}")
             if not 1 <= self.experts_per_token <= self.n_expert:
                 raise ValueError(f"GPTConfig: n_expert={self.n_expert}, moe_top_k={self.moe_top_k} do not allow "
                                  f"{self.experts_per_token} experts per token for ffn={self.ffn}")
@@ -61,7 +67,7 @@ class GPTConfig:
     @property
     def d_ff(self):
         """Width of the FFN's whole hidden (expert) space."""
-        return {"dense": 4, "switch": 8, "top2": 8, "inf": 8}[self.ffn] * self.n_embd
+        return (self.d_ff_mult or {"dense": 4, "switch": 8, "top2": 8, "inf": 8}[self.ffn]) * self.n_embd
 
     @property
     def experts_per_token(self):
