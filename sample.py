@@ -5,6 +5,7 @@ Generate text from a checkpoint that train.py wrote.
   python sample.py --start="To be, or not" --num_samples=1 --max_new_tokens=100
   python sample.py --start=FILE:prompt.txt --z_samples=4        # ∞-MoE: K samples of z per token
   python sample.py --z_deterministic                            # ∞-MoE: z = mu, no routing noise
+  python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"   # OpenAI's GPT-2
 """
 import os
 import sys
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, from_pretrained
 from prepare_fineweb import get_tokenizer
 from train import parse_args
 
@@ -21,6 +22,7 @@ from train import parse_args
 @dataclass
 class SampleConfig:
     out_dir: str = "out"
+    init_from: str = "resume"    # resume (out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 200
@@ -41,12 +43,15 @@ def main(argv=None):
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py --out_dir={cfg.out_dir}`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py --out_dir={cfg.out_dir}`")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    else:  # GPT-2 from the Hugging Face Hub, a Hugging Face directory, or a ckpt.pt / out_dir
+        model = from_pretrained(cfg.init_from)
     model.set_sampling(z_samples=cfg.z_samples or None, z_deterministic=cfg.z_deterministic,
                        moe_top_k=cfg.moe_top_k or None)
     model.eval().to(device)
@@ -77,5 +82,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, from_pretrained
 from prepare_fineweb import EOT, HELLASWAG_PATH, get_tokenizer, load_hellaswag, load_shard, shard_paths
 
 
@@ -30,7 +30,7 @@ from prepare_fineweb import EOT, HELLASWAG_PATH, get_tokenizer, load_hellaswag, 
 class TrainConfig:
     out_dir: str = "out"
     data_dir: str = "data/sample"
-    init_from: str = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
+    init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt) | gpt2* | PATH (see from_pretrained)
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
     eval_only: bool = False
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
@@ -128,8 +128,6 @@ def configure(argv):
     given = parse_args(argv, cfg, model_cfg)
     model_args = dataclasses.asdict(model_cfg)
     GPTConfig(**model_args)  # validate the combination now, with a clear message
-    if cfg.init_from not in ("scratch", "resume"):
-        raise ValueError(f"--init_from={cfg.init_from}: expected scratch or resume")
     if cfg.dtype not in ("", "bfloat16", "float32"):
         raise ValueError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
     return cfg, model_args, {k: v for k, v in given.items() if k in model_args}
@@ -408,7 +406,11 @@ def main(argv=None):
                              f"{', '.join(INFERENCE_KNOBS)} may change on resume")
         model_args = {**ckpt["model_args"], **{k: model_given[k] for k in model_given if k in INFERENCE_KNOBS}}
     torch.manual_seed(cfg.seed + rank)  # ranks draw different ∞-MoE noise
-    model = GPT(GPTConfig(**model_args)).to(device)
+    if cfg.init_from in ("scratch", "resume"):
+        model = GPT(GPTConfig(**model_args)).to(device)
+    else:  # weights from GPT-2 or another checkpoint, shape from its config; a fresh optimizer at step 0
+        model = from_pretrained(cfg.init_from, model_given).to(device)
+        model_args = dataclasses.asdict(model.config)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val = 0, float("inf")
     train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, model.config.block_size, rank, world)
@@ -524,5 +526,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
