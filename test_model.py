@@ -1006,9 +1006,11 @@ SAMPLE_VAL = Path(__file__).parent / "data" / "sample" / "sample_val_000000.bin"
 
 @pytest.fixture(scope="module")
 def hf_gpt2(tmp_path_factory):
-    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores it."""
+    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores it.
+    Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new differ (~1e-3)."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.1))
+    hf.eval()
     with torch.no_grad():  # non-zero biases and norms, so a mix-up of any of them shows
         for name, p in hf.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -1155,7 +1157,7 @@ def test_expected_mask_value_against_monte_carlo(top_frac):
 
 def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
     """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its FFN
-    output is close to the dense MLP's; router and W_z are the fresh initialisation, untouched."""
+    output is close to the dense MLP's, one sample is far from it; router and W_z keep their fresh init."""
     hf, path = hf_gpt2
     torch.manual_seed(3)
     model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
@@ -1172,5 +1174,8 @@ def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
         mean = layer(x)
         model.set_sampling(z_samples=1)
         one = layer(x)
-    err = lambda y: ((y - want).norm() / want.norm()).item()  # noqa: E731
-    assert err(mean) < 0.1 < err(one)  # unbiased up to W_z's spread of row norms; one sample is noisy
+    hidden = (want - dense.c_proj.bias).norm()  # the part that goes through the hidden units
+    err = lambda y: ((y - want).norm() / hidden).item()  # noqa: E731
+    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms, mu != 0);
+    # without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
+    assert err(mean) < 0.25 and err(one) > 0.8
