@@ -468,7 +468,8 @@ def read_hf_gpt2(path):
             raise ImportError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors") from None
         hf_state = load_file(os.path.join(path, "model.safetensors"))
     elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        hf_state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        hf_state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True,
+                              mmap=True)
     else:
         raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor pytorch_model.bin")
 
@@ -499,7 +500,7 @@ def load_source(source):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_from={source}: no such checkpoint or directory (expected scratch, resume, "
                                 f"{', '.join(HF_GPT2)}, a Hugging Face GPT-2 directory, a ckpt.pt or an out_dir)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the optimizer state stays on disk
     if not isinstance(ckpt, dict) or "model_args" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint written by train.py (no model_args)")
     return ckpt["model_args"], ckpt["model"]
@@ -534,7 +535,7 @@ def from_pretrained(source, overrides=None):
         model = GPT(GPTConfig(**{**args, **overrides}))
         model.load_state_dict(state)
         return model
-    ffn, dense_mult = overrides["ffn"], args["d_ff_mult"]
+    ffn, dense_mult = overrides["ffn"], GPTConfig(**args).d_ff // args["n_embd"]  # d_ff_mult 0: the default
     n_expert = overrides.get("n_expert", GPTConfig.n_expert)
     default_mult = dense_mult * n_expert if ffn in ("switch", "top2") else 2 * dense_mult  # inf: the paper's 8d
     exact = {"gelu_approx": "none"} if ffn == "inf" else {}  # inf's paths compute the exact GELU only

@@ -1090,6 +1090,9 @@ def test_init_from_our_checkpoint_and_out_dir(shards, tmp_path):
     # training from it starts at step 0 from its weights: same val loss as the source at its last step
     log = train.main(tiny_run(shards, tmp_path / "b", f"--init_from={out}", "--eval_only"))
     assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-6)
+    # upcycled into top2 (the source's d_ff_mult is 0, dense's default 4d: experts of 4d, d_ff_mult 16)
+    log = train.main(tiny_run(shards, tmp_path / "c", f"--init_from={out}", "--eval_only", "--ffn=top2"))
+    assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-5)
 
 
 def test_sample_from_hf_gpt2_is_transformers_greedy(hf_gpt2):
