@@ -15,9 +15,13 @@ DeepSeek-V3's aux-loss-free balancing for switch/top2 (balance=bias).
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
 """
+import dataclasses
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -35,6 +39,7 @@ class GPTConfig:
     n_embd: int = 768             # d, the residual stream width
     dropout: float = 0.0          # on embeddings, attention and residual branches; 0 for pretraining
     bias: bool = True             # biases in Linear layers and LayerNorms, as in GPT-2
+    gelu_approx: str = "none"     # F.gelu's approximate: none (exact) | tanh (GPT-2's, set by init_from)
     ffn: str = "dense"          # a name in FFNS: dense | switch | top2 | inf | inf_deep
     d_ff_mult: int = 0          # FFN hidden width / n_embd; 0: the FFN's default (dense 4, MoEs 8)
     # discrete MoE (switch, top2)
@@ -72,6 +77,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.z_samples={self.z_samples}: need at least one sample")
         if self.use_kernel not in ("auto", "on", "off"):
             raise ValueError(f"GPTConfig.use_kernel={self.use_kernel!r}: expected auto, on or off")
+        if self.gelu_approx not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu_approx={self.gelu_approx!r}: expected none or tanh")
+        if self.gelu_approx == "tanh" and issubclass(FFNS[self.ffn], InfMoE):  # its paths: exact GELU
+            raise ValueError(f"GPTConfig: ffn={self.ffn} computes the exact GELU only (gelu_approx=none)")
         if self.router_depth < 1 or self.router_mix < 1 or self.router_width < 0:
             raise ValueError(f"GPTConfig: router_depth={self.router_depth}, router_mix={self.router_mix} "
                              f"must be >= 1 and router_width={self.router_width} >= 0")
@@ -144,10 +153,11 @@ class DenseFFN(nn.Module):
         self.W1 = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.W2 = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
         residual(self.W2.weight)
+        self.approximate = config.gelu_approx
         self.stats = {}
 
     def forward(self, x):
-        return self.W2(F.gelu(self.W1(x)))
+        return self.W2(F.gelu(self.W1(x), approximate=self.approximate))
 
     def active_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -172,6 +182,8 @@ class TopKMoE(nn.Module):
         if not 1 <= k <= config.n_expert:
             raise ValueError(f"GPTConfig: n_expert={config.n_expert}, moe_top_k={config.moe_top_k} do not "
                              f"allow {k} experts per token for ffn={config.ffn}")
+        if config.d_ff % config.n_expert:
+            raise ValueError(f"GPTConfig: d_ff={config.d_ff} is not divisible by n_expert={config.n_expert}")
         if config.n_embd % 8:  # grouped_mm wants 16-byte aligned rows (bf16: multiples of 8)
             raise ValueError(f"GPTConfig.n_embd={config.n_embd}: switch/top2 need a multiple of 8")
 
@@ -221,7 +233,7 @@ class TopKMoE(nn.Module):
         h = F.grouped_mm(xs, self.W1.to(dt), offs=offs)
         if self.b1 is not None:
             h = h + self.b1.to(dt)[e_sorted]
-        out = F.grouped_mm(F.gelu(h), self.W2.to(dt), offs=offs)
+        out = F.grouped_mm(F.gelu(h, approximate=self.config.gelu_approx), self.W2.to(dt), offs=offs)
         if self.b2 is not None:
             out = out + self.b2.to(dt)[e_sorted]
         out = out * top_p.flatten()[order, None].to(dt)
@@ -747,6 +759,206 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+# ----------------------------------------------------------------------------- starting from a trained model
+
+HF_GPT2 = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+FREE_FIELDS = ("dropout", "z_samples", "z_deterministic", "moe_top_k", "use_kernel")  # never fixed by a source
+UPCYCLE_TARGETS = ("switch", "top2", "inf")
+MOE_FIELDS = ("ffn", "d_ff_mult", "n_expert", "moe_top_k", "aux_loss_coef", "z_loss_coef",  # an upcycle's own
+              "d_z", "top_frac", "z_samples", "z_deterministic", "use_kernel", "balance", "balance_rate",
+              "router_depth", "router_width", "router_mix", "gate")
+
+
+def download_gpt2(name):
+    """OpenAI's GPT-2 (config.json + model.safetensors) from the Hugging Face Hub, cached; returns the directory."""
+    repo = HF_GPT2[name]
+    instead = f"or put {repo}'s config.json and model.safetensors in a directory DIR and pass --init_from=DIR"
+    try:
+        from huggingface_hub import snapshot_download  # optional: only the hub names need it
+    except ImportError:
+        raise ImportError(f"--init_from={name} downloads from the Hugging Face Hub: pip install huggingface_hub, "
+                          f"{instead}") from None
+    try:
+        return snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
+        raise FileNotFoundError(f"--init_from={name}: could not fetch {repo} ({type(e).__name__}; offline?), "
+                                f"{instead}") from None
+
+
+def read_hf_gpt2(path):
+    """A Hugging Face GPT2LMHeadModel directory -> (GPTConfig kwargs, our state dict).
+
+    Reads config.json and model.safetensors (or pytorch_model.bin) without transformers. GPT-2 stores its
+    linear layers as Conv1D, weight (in, out): they are transposed into nn.Linear's (out, in).
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    where = os.path.join(path, "config.json")
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected gpt2")
+    unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh", "gelu"), "layer_norm_epsilon": (1e-5,),
+                   "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                   "tie_word_embeddings": (True,)}
+    for key, ok in unsupported.items():
+        if hf.get(key, ok[0]) not in ok:
+            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (expected {' or '.join(map(str, ok))})")
+    d = hf["n_embd"]
+    d_ff = hf.get("n_inner") or 4 * d
+    if d_ff % d:
+        raise ValueError(f"{where}: n_inner={d_ff} is not a multiple of n_embd={d}")
+    args = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                n_head=hf["n_head"], n_embd=d, bias=True, ffn="dense", d_ff_mult=d_ff // d,
+                gelu_approx="none" if hf.get("activation_function", "gelu_new") == "gelu" else "tanh")
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors") from None
+        hf_state = load_file(os.path.join(path, "model.safetensors"))
+    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        hf_state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True,
+                              mmap=True)
+    else:
+        raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor pytorch_model.bin")
+
+    state = {}
+    for key, value in hf_state.items():
+        key = key.removeprefix("transformer.")   # OpenAI's original files have no prefix
+        if key.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):
+            continue                              # causal-mask buffers of old files; the tied head
+        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            value = value.t()                     # Conv1D (in, out) -> nn.Linear (out, in)
+        key = key.replace("mlp.c_fc.", "mlp.W1.").replace("mlp.c_proj.", "mlp.W2.")
+        state["transformer." + key] = value.float().contiguous()
+    head = hf_state.get("lm_head.weight")
+    if head is not None and not torch.equal(head, hf_state.get("transformer.wte.weight", hf_state.get("wte.weight"))):
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT ties them")
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return args, state
+
+
+def load_source(source):
+    """init_from's SOURCE -> (GPTConfig kwargs, state dict): a GPT-2 name or a Hugging Face GPT-2 directory.
+    (train.py and sample.py read our own checkpoints, ckpt.pt or an out_dir, and pass their weights on.)"""
+    path = download_gpt2(source) if source in HF_GPT2 else source
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return read_hf_gpt2(path)
+    raise FileNotFoundError(f"--init_from={source}: no such checkpoint or directory (expected scratch, resume, "
+                            f"{', '.join(HF_GPT2)}, a Hugging Face GPT-2 directory, a ckpt.pt or an out_dir)")
+
+
+def pretrained_config(args, overrides, source):
+    """GPTConfig kwargs of the model init_from=SOURCE builds from a source of config args.
+
+    overrides: GPTConfig fields from the command line. FREE_FIELDS may differ from the source's; block_size
+    may be lowered (the position table is cropped, as in nanoGPT); from a dense source another ffn upcycles
+    it (see upcycle) and MOE_FIELDS are then free too. Any other field that differs is an error naming it.
+    """
+    args = dataclasses.asdict(GPTConfig(**args))   # fields an older checkpoint lacks take their defaults
+    overrides = dict(overrides or {})
+    upcycling = args["ffn"] == "dense" and overrides.get("ffn", "dense") != "dense"
+    free = set(FREE_FIELDS) | (set(MOE_FIELDS) if upcycling else set()) | {"block_size"}
+    clash = {k: args[k] for k, v in overrides.items() if k not in free and args[k] != v}
+    if clash:
+        given = ", ".join(f"--{k}={overrides[k]}" for k in clash)
+        theirs = ", ".join(f"{k}={v}" for k, v in clash.items())
+        raise ValueError(f"--init_from={source} fixes the model's shape: {given} differs from its {theirs} "
+                         f"(free: {', '.join(FREE_FIELDS)}, a smaller block_size, and upcycling a dense source)")
+    if overrides.get("block_size", args["block_size"]) > args["block_size"]:
+        raise ValueError(f"--block_size={overrides['block_size']}: --init_from={source} has only "
+                         f"{args['block_size']} positions")
+    args["dropout"] = 0.0  # the source's dropout was for its own training; --dropout sets ours
+    if not upcycling:
+        return {**args, **overrides}
+    ffn, dense_mult = overrides["ffn"], GPTConfig(**args).d_ff // args["n_embd"]  # d_ff_mult 0: the default
+    if ffn not in UPCYCLE_TARGETS:
+        raise ValueError(f"--init_from={source} --ffn={ffn}: a dense model upcycles into "
+                         f"{', '.join(UPCYCLE_TARGETS)} only")
+    n_expert = overrides.get("n_expert", GPTConfig.n_expert)
+    default_mult = dense_mult * n_expert if ffn in ("switch", "top2") else 2 * dense_mult  # inf: the paper's 8d
+    exact = {"gelu_approx": "none"} if ffn == "inf" else {}  # inf's paths compute the exact GELU only
+    return {**args, "d_ff_mult": default_mult, **exact, **overrides}
+
+
+@torch.no_grad()
+def load_pretrained(model, args, state):
+    """Fill model, built from pretrained_config(args, ...), with a source's weights: copied, or upcycled
+    when the source is dense and the model is not. Returns the model."""
+    state = {**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:model.config.block_size]}
+    if args["ffn"] == model.config.ffn:
+        model.load_state_dict(state)
+        return model
+    return upcycle(model, state, GPTConfig(**args).d_ff)
+
+
+def from_pretrained(source, overrides=None, weights=None):
+    """GPT from init_from's SOURCE, its shape read from the source: weights = (GPTConfig kwargs, state
+    dict) already read (our own checkpoints), else load_source(source)."""
+    args, state = weights or load_source(source)
+    model = GPT(GPTConfig(**pretrained_config(args, overrides, source)))
+    return load_pretrained(model, args, state)
+
+
+def expected_mask_value(top_frac):
+    """E[M_j], the mean mask value of one hidden unit at initialisation (any K: M averages K masks).
+
+    A fresh router gives mu ≈ 0, sigma ≈ 1, so z ~ N(0, I); W_z's rows have norm ≈ 1, so each score
+    m_j = W_z[j] . z is ~ N(0, 1). A sample keeps the top r of the scores, those above the (1 - r) quantile t,
+    at their own values: E[m 1{m > t}] = phi(t), the standard normal density at t (0.318 for r = 25%).
+    """
+    if not 0.0 < top_frac < 1.0:
+        raise ValueError(f"top_frac={top_frac}: upcycling into ffn=inf needs 0 < top_frac < 1")
+    normal = NormalDist()
+    return normal.pdf(normal.inv_cdf(1.0 - top_frac))
+
+
+@torch.no_grad()
+def upcycle(model, dense_state, d_ff_dense):
+    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): fill `model`, a freshly initialised
+    switch/top2/inf GPT, from a dense GPT's state dict of hidden width d_ff_dense. Embeddings, attention,
+    norms and b2 are copied; routers and W_z keep their fresh initialisation.
+
+      switch/top2  every expert is a full copy of the dense MLP (needs d_ff = n_expert * d_ff_dense). top2's
+                   renormalised weights sum to 1, so at step 0 it computes exactly the dense model; switch
+                   computes each FFN output times the chosen expert's router probability.
+      inf          hidden unit j is dense unit j mod d_ff_dense (needs d_ff a multiple of it: R copies each),
+                   and W2 is divided by R * E[M_j]: averaged over the routing noise and the fresh W_z, the
+                   FFN output equals the dense one (expected_mask_value). Per token it is the dense FFN
+                   with its units re-weighted at random (mean 1), so step-0 loss is above the source's.
+    """
+    c, h = model.config, d_ff_dense
+    if c.ffn in ("switch", "top2") and c.d_ff != c.n_expert * h:
+        raise ValueError(f"upcycling into {c.ffn}: each of the {c.n_expert} experts copies the dense MLP, so "
+                         f"d_ff_mult must be {c.n_expert * h // c.n_embd} (got {c.d_ff_mult})")
+    if c.ffn == "inf" and c.d_ff % h:
+        raise ValueError(f"upcycling into inf: d_ff_mult={c.d_ff_mult} must be a multiple of the dense "
+                         f"source's {h // c.n_embd}")
+    rest = {k: v for k, v in dense_state.items() if ".mlp." not in k}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    if unexpected or any(".mlp." not in k for k in missing):
+        raise ValueError(f"upcycling: the dense source does not match the model ({(missing + unexpected)[:3]} ...)")
+    for i, block in enumerate(model.transformer.h):
+        src = {k.split(".mlp.")[1]: v for k, v in dense_state.items() if k.startswith(f"transformer.h.{i}.mlp.")}
+        W1, b1, W2, b2 = src["W1.weight"], src.get("W1.bias"), src["W2.weight"], src.get("W2.bias")
+        mlp = block.mlp
+        if c.ffn in ("switch", "top2"):   # experts stored (E, in, out): the transposes of nn.Linear's weights
+            mlp.W1.copy_(W1.t().expand_as(mlp.W1))
+            mlp.W2.copy_(W2.t().expand_as(mlp.W2))
+            if mlp.b1 is not None:
+                mlp.b1.copy_(b1.expand_as(mlp.b1))
+                mlp.b2.copy_(b2.expand_as(mlp.b2))
+        else:
+            unit = torch.arange(c.d_ff) % h                       # hidden unit j copies dense unit j mod h
+            scale = 1.0 / ((c.d_ff // h) * expected_mask_value(c.top_frac))
+            mlp.W1.weight.copy_(W1[unit])
+            mlp.W2.weight.copy_(W2[:, unit] * scale)
+            if mlp.W1.bias is not None:
+                mlp.W1.bias.copy_(b1[unit])
+                mlp.W2.bias.copy_(b2)
+    return model
 
 
 if __name__ == "__main__":

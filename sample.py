@@ -5,24 +5,25 @@ Generate text from a checkpoint that train.py wrote.
   python sample.py --start="To be, or not" --num_samples=1 --max_new_tokens=100
   python sample.py --start=FILE:README.md --z_samples=4         # ∞-MoE: K samples of z per token
   python sample.py --z_deterministic                            # ∞-MoE: z = mu, no routing noise
+  python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"   # OpenAI's GPT-2
   python sample.py --help                                       # every option, default, meaning
 """
-import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_pretrained, pretrained_config
 from prepare_fineweb import get_tokenizer
-from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, load_checkpoint, parse_args,
-                   pick_device, usage)
+from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, parse_args, pick_device,
+                   starting_point, usage)
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"         # where train.py wrote ckpt.pt
+    init_from: str = "resume"    # resume (out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 3         # samples to draw, one after the other
     max_new_tokens: int = 200    # tokens generated per sample
@@ -69,9 +70,14 @@ def main(argv=None):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     start = read_prompt(cfg.start)
 
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    if cfg.init_from == "scratch":
+        raise UsageError("--init_from=scratch: sample.py needs trained weights (resume, gpt2, a PATH)")
+    ckpt, source = starting_point(cfg.init_from, cfg.out_dir)
+    if source is not None:  # GPT-2, a Hugging Face directory, a ckpt.pt or an out_dir: its shape, its weights
+        model = load_pretrained(GPT(GPTConfig(**pretrained_config(source[0], {}, cfg.init_from))), *source)
+    else:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
     if cfg.moe_top_k > model.config.n_expert:
         raise UsageError(f"--moe_top_k={cfg.moe_top_k}: this model has {model.config.n_expert} experts")
     model.set_sampling(z_samples=cfg.z_samples or None, moe_top_k=cfg.moe_top_k or None,
@@ -101,6 +107,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # UsageError and the model's own config errors
+    except (ValueError, FileNotFoundError, ImportError) as e:  # UsageError, config errors, optional packages
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel  # tests only: a small random GPT-2 to compare with
 
 import kernel
 import prepare_fineweb
@@ -28,6 +29,7 @@ import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
 from model import GPT, GPTConfig, averaged_topk_mask, inf_ffn_reference, selection_scores
+from model import expected_mask_value, from_pretrained
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard,
                              shard_paths, write_shard)
 from train import collate, hellaswag_eval, render_example, score_endings
@@ -1912,3 +1914,189 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
     monkeypatch.setattr(kernel, "inf_ffn", broken)
     with pytest.warns(RuntimeWarning, match="RuntimeError: out of resources: shared memory"):
         assert kernel.kernel_ok("cpu", torch.bfloat16) is False
+
+
+# ---- starting from GPT-2 and upcycling (model.from_pretrained, upcycle; --init_from in train.py, sample.py)
+
+SAMPLE_VAL = Path(__file__).parent / "data" / "sample" / "sample_val_000000.bin"
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores it.
+    Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new differ (~1e-3)."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.1))
+    hf.eval()
+    with torch.no_grad():  # non-zero biases and norms, so a mix-up of any of them shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "openai_bin"])
+def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, fmt):
+    hf, path = hf_gpt2
+    if fmt == "openai_bin":  # OpenAI's original file: no "transformer." prefix, causal-mask buffers, no head
+        (tmp_path / "config.json").write_text((path / "config.json").read_text())
+        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(2)})
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        path = tmp_path
+    model = from_pretrained(str(path)).eval()
+    assert (model.config.n_layer, model.config.n_embd, model.config.block_size) == (2, 32, 64)
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        ours, _ = model(idx, idx)
+    torch.testing.assert_close(ours, hf_logits(hf, idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "top2"])
+def test_eval_only_val_loss_equals_transformers(hf_gpt2, tmp_path, ffn):
+    """--eval_only --init_from=DIR scores the bundled val shard's first batches as transformers does;
+    upcycled into top2 (renormalised weights, every expert a copy) it is still the same function."""
+    hf, path = hf_gpt2
+    B, T, iters = 2, 64, 2
+    record = train.main([f"--init_from={path}", "--eval_only", f"--ffn={ffn}", f"--batch_size={B}",
+                         f"--eval_iters={iters}", f"--out_dir={tmp_path}", f"--data_dir={SAMPLE_VAL.parent}"])
+    tokens = torch.from_numpy(np.fromfile(SAMPLE_VAL, dtype=np.uint16, offset=256 * 4).astype(np.int64))
+    losses = []
+    for k in range(iters):  # batch k: B rows of T tokens, targets shifted by one
+        buf = tokens[k * B * T: (k + 1) * B * T + 1]
+        logits = hf_logits(hf, buf[:-1].view(B, T))
+        losses.append(F.cross_entropy(logits.flatten(0, 1), buf[1:]).item())
+    assert record["val_loss"] == pytest.approx(sum(losses) / iters, abs=1e-5)
+
+
+def test_init_from_takes_the_shape_from_the_source(hf_gpt2, tmp_path):
+    hf, path = hf_gpt2
+    with pytest.raises(ValueError, match="--n_layer=4 differs from its n_layer=2"):
+        from_pretrained(str(path), {"n_layer": 4})
+    with pytest.raises(ValueError, match="only 64 positions"):
+        from_pretrained(str(path), {"block_size": 128})
+    with pytest.raises(ValueError, match="gelu_approx"):  # ffn=inf of a GPT-2 would need the tanh GELU
+        from_pretrained(str(path), {"ffn": "inf", "gelu_approx": "tanh"})
+    with pytest.raises(FileNotFoundError, match="--init_from=nowhere: no such checkpoint"):
+        from_pretrained("nowhere")
+    model = from_pretrained(str(path), {"block_size": 16, "dropout": 0.2, "n_head": 4})  # crop, free, same
+    assert model.config.block_size == 16 and model.config.dropout == 0.2
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        ours, _ = model.eval()(idx, idx)
+    torch.testing.assert_close(ours, hf_logits(hf, idx), rtol=1e-5, atol=1e-5)
+    res = subprocess.run([sys.executable, "train.py", f"--init_from={path}", "--n_embd=64", "--eval_only"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--n_embd=64 differs" in res.stderr
+
+
+def test_init_from_our_checkpoint_and_out_dir(shards, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=dense", "--max_iters=2", "--eval_interval=2"))
+    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    for source in (out, out / "ckpt.pt"):  # train.py and sample.py read our files; from_pretrained builds
+        assert train.starting_point(str(source), str(tmp_path))[0] is None  # not a resume: a new run
+        model = from_pretrained(str(source), weights=train.starting_point(str(source), str(tmp_path))[1])
+        assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    # training from it starts at step 0 from its weights: same val loss as the source at its last step
+    log = train.main(tiny_run(shards, tmp_path / "b", f"--init_from={out}", "--eval_only"))
+    assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-6)
+    # upcycled into top2 (the source's d_ff_mult is 0, dense's default 4d: experts of 4d, d_ff_mult 16)
+    log = train.main(tiny_run(shards, tmp_path / "c", f"--init_from={out}", "--eval_only", "--ffn=top2"))
+    assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-5)
+
+
+def test_sample_from_hf_gpt2_is_transformers_greedy(hf_gpt2):
+    hf, path = hf_gpt2
+    enc = get_tokenizer()
+    ids = enc.encode("Hello, I'm a language model,")
+    x = torch.tensor([ids])
+    for _ in range(5):  # greedy decoding with transformers, by hand
+        x = torch.cat([x, hf_logits(hf, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    texts = sample.main([f"--init_from={path}", "--start=Hello, I'm a language model,", "--num_samples=1",
+                         "--max_new_tokens=5", "--top_k=1"])
+    assert texts == [enc.decode(x[0].tolist())]
+
+
+def test_hub_name_offline_or_without_huggingface_hub_is_a_one_line_error(tmp_path, monkeypatch):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # empty cache, no network
+    res = subprocess.run([sys.executable, "sample.py", "--init_from=gpt2"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, env=env)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "openai-community/gpt2's config.json and model.safetensors" in res.stderr
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        from_pretrained("gpt2-medium")
+
+
+def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
+    """Every expert copies GPT-2's MLP, so switch = transformers' GPT-2 with each MLP output scaled by the
+    top router probability of its own layer (computed here from the router weights alone)."""
+    hf, path = hf_gpt2
+    model = from_pretrained(str(path), {"ffn": "switch"}).eval()
+    assert model.config.d_ff_mult == 16 and model.config.n_expert == 4  # 4 experts of GPT-2's 4d
+    with torch.no_grad():
+        for block in model.transformer.h:  # a router that prefers some experts, so p_max varies
+            block.mlp.W_r.weight.normal_(0, 1.0)
+    hooks = [hf.transformer.h[i].mlp.register_forward_hook(
+        lambda mod, inp, out, W_r=block.mlp.W_r.weight: out * (inp[0] @ W_r.t()).softmax(-1).amax(-1, True))
+        for i, block in enumerate(model.transformer.h)]
+    idx = torch.randint(0, 50257, (2, 32))
+    try:
+        expected = hf_logits(hf, idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        ours, _ = model(idx, idx)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, hf_logits(hf, idx), atol=1e-3)  # the scaling is visible
+    with pytest.raises(ValueError, match="d_ff_mult must be 16"):
+        from_pretrained(str(path), {"ffn": "switch", "d_ff_mult": 8})
+    weights = dataclasses.asdict(model.config), model.state_dict()
+    with pytest.raises(ValueError, match="--ffn=inf differs from its ffn=switch"):  # upcycling is from dense
+        from_pretrained("s.pt", {"ffn": "inf"}, weights=weights)
+
+
+@pytest.mark.parametrize("top_frac", [0.1, 0.25, 0.5])
+def test_expected_mask_value_against_monte_carlo(top_frac):
+    torch.manual_seed(0)
+    d_ff, d_z = 1024, 128
+    W_z = torch.randn(d_ff, d_z) / math.sqrt(d_z)  # InfMoE's initialisation
+    M, _, _ = averaged_topk_mask(torch.randn(2, 2000, d_z), W_z, top_frac)  # z ~ N(0, I): mu = 0, sigma = 1
+    assert M.mean().item() == pytest.approx(expected_mask_value(top_frac), rel=0.02)
+    with pytest.raises(ValueError, match="top_frac"):
+        expected_mask_value(1.0)
+
+
+def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
+    """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its FFN
+    output is close to the dense MLP's, one sample is far from it; router and W_z keep their fresh init."""
+    hf, path = hf_gpt2
+    torch.manual_seed(3)
+    model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
+    torch.manual_seed(3)
+    fresh = GPT(model.config)  # the same draws: router and W_z must be left as initialised
+    layer, dense = model.transformer.h[0].mlp, hf.transformer.h[0].mlp
+    assert torch.equal(layer.W_z, fresh.transformer.h[0].mlp.W_z)
+    assert all(torch.equal(a, b) for a, b in zip(layer.router.parameters(),
+                                                 fresh.transformer.h[0].mlp.router.parameters()))
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        want = F.gelu(x @ dense.c_fc.weight + dense.c_fc.bias) @ dense.c_proj.weight + dense.c_proj.bias
+        model.set_sampling(z_samples=512)
+        mean = layer(x)
+        model.set_sampling(z_samples=1)
+        one = layer(x)
+    hidden = (want - dense.c_proj.bias).norm()  # the part that goes through the hidden units
+    err = lambda y: ((y - want).norm() / hidden).item()  # noqa: E731
+    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms, mu != 0);
+    # without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
+    assert err(mean) < 0.25 and err(one) > 0.8

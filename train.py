@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_pretrained, load_source, pretrained_config
 from prepare_fineweb import (EOT, HELLASWAG_PATH, DataError, check_dataset, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths)
 
@@ -42,7 +42,7 @@ from prepare_fineweb import (EOT, HELLASWAG_PATH, DataError, check_dataset, get_
 class TrainConfig:
     out_dir: str = "out"              # checkpoint ckpt.pt, log.jsonl (training), eval.jsonl (--eval_only)
     data_dir: str = "data/sample"     # llm.c shards: *_val_*.bin and *_train_*.bin
-    init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt, with its saved settings)
+    init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt and its settings) | gpt2* | PATH
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
     overwrite: bool = False           # scratch run: delete out_dir's ckpt.pt, log.jsonl, eval.jsonl first
     allow_changes: bool = False       # resume: accept another data_dir, batch or optimizer setting
@@ -235,12 +235,20 @@ def check_dtype(dtype):
 
 
 def starting_point(init_from, out_dir):
-    """The checkpoint a run starts from, or None for a scratch run: the one place init_from is read."""
+    """(checkpoint to resume, source weights): the one place init_from is read. A resumed run has the
+    checkpoint; a run from trained weights (GPT-2, a Hugging Face directory, one of our ckpt.pt files or
+    out_dirs) has the source's (GPTConfig kwargs, state dict) and starts at step 0; a scratch run neither."""
     if init_from == "scratch":
-        return None
+        return None, None
     if init_from == "resume":
-        return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    raise UsageError(f"--init_from={init_from}: expected scratch or resume")
+        return load_checkpoint(os.path.join(out_dir, "ckpt.pt")), None
+    path = init_from
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        path = os.path.join(path, "ckpt.pt")  # an out_dir
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        return None, (ckpt["model_args"], ckpt["model"])
+    return None, load_source(init_from)  # a GPT-2 name or a Hugging Face directory
 
 
 def configure(argv):
@@ -258,8 +266,12 @@ def configure(argv):
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     cfg = TrainConfig(**{k: v for k, v in flags.items() if k in train_fields})
-    ckpt = starting_point(cfg.init_from, cfg.out_dir)
-    if ckpt is None:
+    ckpt, source = starting_point(cfg.init_from, cfg.out_dir)
+    if source is not None:  # the source fixes the shape; pretrained_config refuses flags that change it
+        base_train = {}
+        base_model = pretrained_config(source[0], {k: v for k, v in flags.items() if k in model_fields},
+                                       cfg.init_from)
+    elif ckpt is None:
         base_train = {}
         base_model = dataclasses.asdict(GPTConfig() if "preset" in flags else GPTConfig(**TINY_MODEL))
     else:
@@ -287,9 +299,9 @@ def configure(argv):
         if not cfg.eval_only and cfg.max_iters <= ckpt["iter_num"]:
             raise UsageError(f"{path} is at step {ckpt['iter_num']} and --max_iters={cfg.max_iters}: nothing to "
                              f"train; give a larger --max_iters")
-    elif cfg.eval_only:
+    elif cfg.eval_only and source is None:
         raise UsageError(f"--eval_only scores a trained model: add --init_from=resume to read "
-                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')}")
+                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (or --init_from=gpt2, a directory, a ckpt.pt)")
     check_ranges(dataclasses.asdict(cfg), RANGES)
     check_ranges(model_args, RANGES)
     check_dtype(cfg.dtype)
@@ -299,7 +311,7 @@ def configure(argv):
             import wandb  # noqa: F401  (optional dependency)
         except ImportError:
             raise UsageError("--wandb_log needs the wandb package: pip install wandb") from None
-    return cfg, model_args, ckpt, changed
+    return cfg, model_args, ckpt, changed, source
 
 
 # ----------------------------------------------------------------------------- data
@@ -645,6 +657,8 @@ class Logger:
 
     def __init__(self, cfg, master, run_config, name="log.jsonl"):
         self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, name), None
+        if master:  # --eval_only of GPT-2 or another run's weights may name a new out_dir
+            os.makedirs(cfg.out_dir, exist_ok=True)
         if master and cfg.wandb_log:
             import wandb  # optional dependency; configure() checked it is installed
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config)
@@ -713,7 +727,7 @@ def main(argv=None):
     if "--help" in argv or "-h" in argv:
         print(usage(__doc__, TrainConfig(), GPTConfig(**TINY_MODEL)))
         return None
-    cfg, model_args, ckpt, changed = configure(argv)
+    cfg, model_args, ckpt, changed, source = configure(argv)
     master, world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
     if master and changed:
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')}: settings that differ from the checkpoint's: "
@@ -732,14 +746,15 @@ def main(argv=None):
             raise UsageError(f"--hellaswag: {e}") from None
     lock = prepare_out_dir(cfg, ckpt) if master and not cfg.eval_only else None
     try:
-        return train(cfg, model_args, ckpt, data_start)
+        return train(cfg, model_args, ckpt, data_start, source)
     finally:
         if lock is not None:
             lock.close()
 
 
-def train(cfg, model_args, ckpt, data_start):
-    """Train the model and return the best val loss; with eval_only, evaluate it once and return the record."""
+def train(cfg, model_args, ckpt, data_start, source=None):
+    """Train the model and return the best val loss; with eval_only, evaluate it once and return the record.
+    ckpt: a checkpoint to resume; source: trained weights to start from at step 0 (see starting_point)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -770,7 +785,10 @@ def train(cfg, model_args, ckpt, data_start):
 
     # model, optimizer, and where to start
     torch.manual_seed(cfg.seed + rank)  # ranks draw different ∞-MoE noise
-    model = GPT(GPTConfig(**model_args)).to(device)
+    model = GPT(GPTConfig(**model_args))
+    if source is not None:  # GPT-2 or another run's weights (upcycled if dense -> MoE); a fresh optimizer
+        load_pretrained(model, *source)
+    model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val, saved_step = 0, float("inf"), None
     train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, model.config.block_size, rank, world)
@@ -907,6 +925,6 @@ def train(cfg, model_args, ckpt, data_start):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, DataError) as e:  # UsageError, and shard or data errors
+    except (ValueError, FileNotFoundError, ImportError, DataError) as e:  # UsageError, data, optional packages
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
