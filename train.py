@@ -248,7 +248,10 @@ def starting_point(init_from, out_dir):
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
         return None, (ckpt["model_args"], ckpt["model"])
-    return None, load_source(init_from)  # a GPT-2 name or a Hugging Face directory
+    try:
+        return None, load_source(init_from)  # a GPT-2 name or a Hugging Face directory
+    except FileNotFoundError as e:  # no such source, or the Hub out of reach: the message says what to do
+        raise UsageError(str(e)) from None
 
 
 def configure(argv):
