@@ -511,7 +511,6 @@ class MixtureRouter(GaussianRouter):
 class InfMoE(nn.Module):
     """∞-MoE FFN: Gaussian router over a continuous expert space, K samples, one masked FFN pass."""
     d_ff_mult = 8
-    LOGVAR_BOUND = GaussianRouter.LOGVAR_BOUND
 
     def __init__(self, config):
         super().__init__()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig, load_pretrained, pretrained_config
+from model import GPT, GPTConfig, from_pretrained
 from prepare_fineweb import get_tokenizer
 from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, parse_args, pick_device,
                    starting_point, usage)
@@ -74,7 +74,7 @@ def main(argv=None):
         raise UsageError("--init_from=scratch: sample.py needs trained weights (resume, gpt2, a PATH)")
     ckpt, source = starting_point(cfg.init_from, cfg.out_dir)
     if source is not None:  # GPT-2, a Hugging Face directory, a ckpt.pt or an out_dir: its shape, its weights
-        model = load_pretrained(GPT(GPTConfig(**pretrained_config(source[0], {}, cfg.init_from))), *source)
+        model = from_pretrained(cfg.init_from, weights=source)
     else:
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
