@@ -58,6 +58,7 @@ On GPUs this code never ran on:
     and dtype and falls back to PyTorch, with one warning, when they disagree.
 """
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -684,6 +685,22 @@ def _dense_ffn(x, W1, b1, W2, b2):
     return F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2)
 
 
+def keep_freed_memory():
+    """Make glibc keep freed memory in the process, as PyTorch's CUDA caching allocator does.
+
+    By default glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each
+    new (N, d_ff) tensor of the benchmark's shape (48 MB) page-faults in again: ~25 ms on the 2-core
+    machine, as long as the arithmetic of a few elementwise passes. That is a cost of the allocator,
+    not of the ops, and one a GPU never pays; without it the CPU ratios show what the math costs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h: no mmap'd blocks; return no heap top under 2 GB
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def _first(r):
     return r[0] if isinstance(r, tuple) else r
 
@@ -784,6 +801,8 @@ def main():
     p.add_argument("--reps", type=int, default=None,
                    help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png", help="PNG written when matplotlib is installed")
+    p.add_argument("--system_malloc", action="store_true", help="CPU: leave glibc's allocator as it is (by "
+                   "default freed memory is kept in the process, as on CUDA: see keep_freed_memory)")
     args = p.parse_args()
     if INTERPRET:
         print("kernel.py benchmark: unset TRITON_INTERPRET (the interpreter is for tests, not for timing).")
@@ -803,7 +822,9 @@ def main():
     x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device=device, generator=gen).to(dt)
     ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
     W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
-    machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads "
+    kept = not cuda and not args.system_malloc and sys.platform == "linux" and keep_freed_memory()
+    machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads, "
+               f"{'freed memory kept (as on CUDA)' if kept else 'system malloc'} "
                "(on a shared machine absolute times are noisy: compare the ratios)")
     print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
 

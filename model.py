@@ -15,6 +15,7 @@ DeepSeek-V3's aux-loss-free balancing for switch/top2 (balance=bias).
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -270,26 +272,54 @@ class Top2MoE(TopKMoE):
     top_k, renormalise = 2, True
 
 
-@torch.compiler.disable  # reads and sets global backend flags, which torch.compile cannot trace
-def selection_scores(z, W_z, out=None):
-    """Mask scores m = z W_z^T in IEEE float32 (float64 for float64 inputs), whatever TF32 setting
-    a script chose (train.py allows TF32 on CUDA; oneDNN can be told to use bf16 on the CPU).
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # same-size integer views
 
-    The scores are only compared with each other, to pick each row's top N%. TF32 keeps 10 mantissa
-    bits, so it moves a score by ~1e-3 of its size: enough to swap the units on either side of the
-    threshold. The selection would then depend on a global flag, and the Triton kernel and this
-    path would keep different units. So this one product always runs at full precision.
+
+# The selection is three custom ops: opaque nodes with a shape-only fake version, so torch.compile
+# traces the rest of the ∞-MoE FFN, its hand-written backward included, into one graph. Inside them
+# a global flag is toggled and numpy runs, which a compiled graph cannot contain.
+@contextlib.contextmanager
+def ieee_fp32():
+    """Matmuls at full float32 precision, whatever TF32 setting a script chose (train.py allows TF32
+    on CUDA; oneDNN can be told to use bf16 on the CPU); the flags are restored after.
+
+    The mask scores are only compared with each other, to pick each row's top N%. TF32 keeps 10
+    mantissa bits, so it moves a score by ~1e-3 of its size: enough to swap the units on either side
+    of the threshold. The selection would then depend on a global flag, and the Triton kernel and
+    this path would keep different units. So the score product always runs at full precision.
     """
     cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     saved = cuda.fp32_precision, mkldnn.fp32_precision  # the new API: reading it never errors
     cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
     try:
-        return torch.matmul(z, W_z.t(), out=out)
+        yield
     finally:
         cuda.fp32_precision, mkldnn.fp32_precision = saved
 
 
-def row_threshold(m, n_keep):
+@torch.library.custom_op("infmoe::selection_scores", mutates_args=())
+def selection_scores(z: torch.Tensor, W_z: torch.Tensor) -> torch.Tensor:
+    """Mask scores m = z W_z^T in IEEE float32 (float64 for float64 inputs); differentiable."""
+    with ieee_fp32():
+        return torch.matmul(z, W_z.t())
+
+
+@selection_scores.register_fake
+def _(z, W_z):
+    return z.new_empty(z.shape[0], W_z.shape[0])
+
+
+def _scores_backward(ctx, dm):
+    z, W_z = ctx.saved_tensors
+    return dm @ W_z, dm.t() @ z
+
+
+selection_scores.register_autograd(
+    _scores_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+@torch.library.custom_op("infmoe::row_threshold", mutates_args=())
+def row_threshold(m: torch.Tensor, n_keep: int) -> torch.Tensor:
     """The n_keep-th largest entry of each row of m, shape (N, 1): the value itself, so ties with it
     are all kept by `m >= threshold`.
 
@@ -297,41 +327,54 @@ def row_threshold(m, n_keep):
     ~5x faster than torch's topk, which moves (value, index) pairs; elsewhere an unsorted topk and
     its minimum (GPUs run topk as a radix select).
     """
-    if m.device.type == "cpu":
-        return torch.from_numpy(np.partition(m.numpy(), -n_keep, axis=-1)[:, -n_keep, None])
-    return m.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    if m.device.type != "cpu":
+        return m.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.from_numpy(np.partition(m.numpy(), -n_keep, axis=-1)[:, -n_keep, None].copy())
 
 
-@torch.no_grad()  # the keep decisions are not differentiated; inf_ffn_reference's backward uses them
-def averaged_topk_mask(z, W_z, top_frac):
+@row_threshold.register_fake
+def _(m, n_keep):
+    return m.new_empty(m.shape[0], 1)
+
+
+@torch.library.custom_op("infmoe::averaged_topk_mask", mutates_args=())
+def averaged_topk_mask(z: torch.Tensor, W_z: torch.Tensor, top_frac: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M = (1/K) sum_k TopN%(m_k), m_k = W_z z_k: each sample keeps its round(r d_ff) largest
     scores at their own values and zeroes the rest (arXiv 2601.17680, the "partly soft" mask).
 
-    z: (K, N, d_z). Loops over k so only (N, d_ff) tensors exist, never (K, N, d_ff).
+    z: (K, N, d_z). Loops over k so only (N, d_ff) float tensors exist, never (K, N, d_ff).
     Tie rule (shared with kernel.py): keep every score >= the n_keep-th largest of its row.
     Returns M (N, d_ff), counts (d_ff,): how many of the N*K samples selected each unit, and
-    keep: the K boolean (N, d_ff) masks of kept units.
+    keep (K, N, d_ff) bool: which units each sample kept (one byte per unit and sample).
     """
     K, N, d_ff = z.shape[0], z.shape[1], W_z.shape[0]
     n_keep = keep_count(top_frac, d_ff)
     M = z.new_zeros(N, d_ff)
     m, keep_f = z.new_empty(N, d_ff), z.new_empty(N, d_ff)  # buffers reused by every sample
-    counts, keep = z.new_zeros(d_ff), []
+    counts, keep = z.new_zeros(d_ff), torch.empty(K, N, d_ff, dtype=torch.bool, device=z.device)
     for k in range(K):
-        selection_scores(z[k], W_z, out=m)                      # m_k = W_z z_k
-        keep.append(m >= row_threshold(m, n_keep))
+        with ieee_fp32():
+            torch.matmul(z[k], W_z.t(), out=m)                  # m_k = W_z z_k
+        torch.ge(m, row_threshold(m, n_keep), out=keep[k])
         # 0/1 as floats: float-only arithmetic is several times faster than mixing in a bool
-        keep_f.copy_(keep[-1].view(torch.uint8))
+        keep_f.copy_(keep[k].view(torch.uint8))
         M.addcmul_(m, keep_f)                                   # += TopN%(m_k), kept at their values
         counts += keep_f.sum(0)
     return M.div_(K), counts, keep
+
+
+@averaged_topk_mask.register_fake
+def _(z, W_z, top_frac):
+    (K, N, _), d_ff = z.shape, W_z.shape[0]
+    return z.new_empty(N, d_ff), z.new_empty(d_ff), z.new_empty(K, N, d_ff, dtype=torch.bool)
 
 
 class _InfFFN(torch.autograd.Function):
     """y = W2 (GELU(W1 x + b1) ⊙ M) + b2 with a hand-written backward.
 
     Autograd of that expression would keep the pre-activation, h = GELU(pre), M, h ⊙ M and every
-    sample's keep mask. This keeps pre, M and the keep masks (K bits per unit, as bools) and
+    sample's keep mask. This keeps pre, M and the keep masks (K bools per unit) and
     recomputes h from pre: about 1.25x the activation memory of a dense FFN of the same width at
     K = 2, for one extra GELU in the backward.
     """
@@ -345,15 +388,17 @@ class _InfFFN(torch.autograd.Function):
         pre = F.linear(x, W1, b1)
         M_h = M.to(pre.dtype)
         y = F.linear(F.gelu(pre).mul_(M_h), W2, b2)        # h ⊙ M, written over h
-        ctx.save_for_backward(x, W1, W2, W_z, z, pre, M_h, *keep)
+        ctx.save_for_backward(x, W1, W2, W_z, z, pre, M_h, keep)
         ctx.has_bias = b1 is not None, b2 is not None
-        n_active = torch.count_nonzero(M).float()          # non-zeros of M
+        # non-zeros of M, counted on its bits: the integer count is vectorised, the float one branches
+        # on every element (~8x slower on a CPU); M holds no -0.0 (it starts at +0, and +0 + -0 = +0)
+        n_active = torch.count_nonzero(M.view(BITS[M.dtype])).float()
         ctx.mark_non_differentiable(counts, n_active)
         return y, counts, n_active
 
     @staticmethod
     def backward(ctx, dy, _dcounts, _dn_active):
-        x, W1, W2, W_z, z, pre, M, *keep = ctx.saved_tensors
+        x, W1, W2, W_z, z, pre, M, keep = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx = dW1 = db1 = dW2 = db2 = dW_z = dz = None
         dy = dy.to(pre.dtype)
@@ -375,22 +420,22 @@ class _InfFFN(torch.autograd.Function):
         if need[5] or need[6]:
             # M = (1/K) sum_k TopN%(m_k): each m_k gets dL/dM / K on the units it kept, 0 elsewhere
             K = len(keep)
-            dM = dM.to(z.dtype).div_(K)
+            dM = dM.to(z.dtype)
             dm = da if da.dtype == dM.dtype else torch.empty_like(dM)  # da is no longer needed
             dz = torch.empty_like(z) if need[6] else None
             dW_z = torch.zeros_like(W_z) if need[5] else None
             for k in range(K):
-                dm.copy_(keep[k].view(torch.uint8)).mul_(dM)   # dL/dm_k
+                dm.copy_(keep[k].view(torch.uint8)).mul_(dM)   # K dL/dm_k
                 if need[6]:
                     torch.mm(dm, W_z, out=dz[k])                # m_k = W_z z_k
                 if need[5]:
                     dW_z.addmm_(dm.t(), z[k])
+            for g in (dz, dW_z):  # the 1/K, applied to the small results rather than to dM
+                if g is not None:
+                    g.div_(K)
         return dx, dW1, db1, dW2, db2, dW_z, dz, None
 
 
-# The numpy selection and the flag-guarded score product cannot be traced: torch.compile calls the
-# path as one opaque function (one graph break per layer) instead of breaking inside it.
-@torch.compiler.disable
 def inf_ffn_reference(x, W1, b1, W2, b2, W_z, z, top_frac):
     """PyTorch ∞-MoE FFN: y = W2 (GELU(W1 x + b1) ⊙ M) + b2, M = (1/K) sum_k TopN%(W_z z_k).
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel  # tests only: a small random GPT-2 to compare with
 
+import compare
 import kernel
 import prepare_fineweb
 import sample
@@ -181,19 +182,21 @@ def test_logvar_is_bounded():
     assert math.exp(-3) <= sigma.item() <= math.exp(3) and torch.isfinite(sigma)
 
 
-def test_no_k_by_tokens_by_dff_tensor_is_kept_for_backward():
+def test_no_float_k_by_tokens_by_dff_tensor_is_kept_for_backward():
+    # the K samples' masks are averaged before the FFN: backward keeps one (N, d_ff) float mask and
+    # the K keep decisions as bools (one byte each), never K float masks
     layer = tiny_model("inf", n_embd=16, n_head=2).transformer.h[0].mlp
     K, N, d_ff = 3, 40, 128
-    shapes = []
+    saved = []
 
     def pack(t):
-        shapes.append(tuple(t.shape))
+        saved.append((tuple(t.shape), t.dtype))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(torch.randn(N, 16), eps=torch.randn(K, N, 8)).sum().backward()
-    assert shapes
-    assert all(math.prod(s) < K * N * d_ff for s in shapes), shapes
+    big = [(s, dt) for s, dt in saved if math.prod(s) >= K * N * d_ff]
+    assert big == [((K, N, d_ff), torch.bool)], saved
 
 
 def test_inf_init_matches_dense_activation_scale():
@@ -1826,6 +1829,17 @@ def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
     assert sum(kept.values()) <= 1.5 * dense, kept
 
 
+def test_selection_custom_ops_pass_opcheck():
+    # torch's own check of a custom op: schema, fake (meta) shapes and strides against the real op,
+    # autograd registration, and tracing by AOTAutograd (what inductor relies on)
+    torch.manual_seed(0)
+    z, W_z = torch.randn(3, 10, 4), torch.randn(16, 4)
+    m = torch.randn(10, 16)
+    torch.library.opcheck(torch.ops.infmoe.selection_scores, (z[0].requires_grad_(), W_z.requires_grad_()))
+    torch.library.opcheck(torch.ops.infmoe.row_threshold, (m, 4))
+    torch.library.opcheck(torch.ops.infmoe.averaged_topk_mask, (z.detach(), W_z.detach(), 0.25))
+
+
 def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
     # a script that allowed TF32 / bf16 matmuls (train.py uses the legacy allow_tf32 flag) gets its
     # flags back, and the score product itself runs with both backends at "ieee"
@@ -1868,6 +1882,28 @@ def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(tiny("inf", use_kernel="on", n_layer=1, n_embd=16))  # 16 tokens: one row tile
+    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    explained = torch._dynamo.explain(model)(idx, targets)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for m in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same ∞-MoE noise
+        _, loss = m(idx, targets)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(ffn="inf"), dict(ffn="inf_deep", gate="pre", router_mix=2, router_depth=2)],
+                         ids=str)
+def test_torch_compile_of_the_pytorch_path_is_one_graph_and_matches_eager(kw):
+    # the selection (a flag-guarded matmul, numpy's partition) is custom ops, so the PyTorch path and
+    # its hand-written backward trace into the model's one graph; compiled loss and gradients = eager's
+    torch._dynamo.reset()
+    model = tiny_model(use_kernel="off", n_layer=1, n_embd=16, **kw)
     idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
     explained = torch._dynamo.explain(model)(idx, targets)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
@@ -2100,3 +2136,36 @@ def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
     # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms, mu != 0);
     # without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
     assert err(mean) < 0.25 and err(one) > 0.8
+
+
+# ----------------------------------------------------------------------------- compare.py
+
+def test_compare_tables_and_plots_finished_runs(tmp_path):
+    # three dense seeds with hand-made curves, one variant, one unfinished run (left out)
+    def fake_run(name, ffn, curve, tok_s):
+        out = tmp_path / name
+        out.mkdir()
+        with open(out / "log.jsonl", "w") as f:
+            for step, v in curve:
+                f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
+                f.write(json.dumps({"step": step + 10, "loss": v, "tokens_per_s": tok_s.pop(0)}) + "\n")
+        train.save_checkpoint(str(out / "ckpt.pt"), {"model_args": dataclasses.asdict(tiny(ffn))})
+
+    fake_run("dense-s1337", "dense", [(0, 11.0), (200, 6.25)], [100.0, 900.0])
+    fake_run("dense-s1338", "dense", [(0, 11.0), (200, 6.20)], [200.0, 300.0])
+    fake_run("dense-s1339", "dense", [(0, 11.0), (200, 6.30)], [400.0, 500.0])
+    fake_run("inf_deep-s1337", "inf_deep", [(0, 11.0), (200, 6.40)], [50.0, 70.0])
+    fake_run("inf-s1337", "inf", [(0, 11.0), (100, 7.0)], [1.0, 1.0])  # stopped before step 200
+    rows = compare.summarise(str(tmp_path))
+    assert list(rows) == ["dense", "inf_deep"]
+    assert rows["dense"]["final"] == [6.25, 6.20, 6.30] and rows["dense"]["seeds"] == [1337, 1338, 1339]
+    assert rows["dense"]["active"] == GPT(tiny("dense")).num_params()[1]
+    lines = compare.table(rows).splitlines()
+    # mean 6.25, spread 0.10, tokens/s the mean of the runs' medians (500, 250, 450)
+    assert lines[2] == ("| dense | `--ffn=dense` | 3 | 6.2500 (6.2500, 6.2000, 6.3000) | 0.1000 | 400 | "
+                        f"{GPT(tiny('dense')).num_params()[1] / 1e6:.2f}M |")
+    assert lines[3].startswith("| inf_deep | `--ffn=inf_deep` | 1 | 6.4000 |  | 60 |")
+    png = tmp_path / "val_loss.png"
+    assert compare.plot(rows, str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no finished run"):
+        compare.main(["--runs_dir", str(tmp_path / "empty")])

@@ -1,0 +1,166 @@
+"""
+The README's comparison of the FFNs on the bundled sample, rerun by anyone in two commands:
+
+    python compare.py --run     # train every run of the grid that has not finished (~1.5 h on 2 cores)
+    python compare.py           # the table (markdown) from runs/*/log.jsonl, and runs/val_loss.png
+
+Every run is the default `python train.py` (the tiny model, 200 steps of 1,024 tokens, data/sample) with
+one FFN's flags and a seed: dense, switch, top2 and inf with three seeds each, every variant with one.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+SEEDS = (1337, 1338, 1339)
+BASELINES = {"dense": "--ffn=dense", "switch": "--ffn=switch", "top2": "--ffn=top2", "inf": "--ffn=inf"}
+VARIANTS = {"inf, deep router": "--ffn=inf --router_depth=2",
+            "inf, mixture router": "--ffn=inf --router_mix=4",
+            "inf, pre-activation gate": "--ffn=inf --gate=pre",
+            "inf_deep": "--ffn=inf_deep",
+            "switch, bias balancing": "--ffn=switch --balance=bias",
+            "top2, bias balancing": "--ffn=top2 --balance=bias"}
+
+
+def grid():
+    """(label, flags, seed, out_dir name) of every run."""
+    runs = [(label, flags, seed) for label, flags in BASELINES.items() for seed in SEEDS]
+    runs += [(label, flags, SEEDS[0]) for label, flags in VARIANTS.items()]
+    name = lambda flags, seed: "-".join(f.removeprefix("--ffn=").lstrip("-").replace("=", "_")
+                                        for f in flags.split()) + f"-s{seed}"         # inf-gate_pre-s1337
+    return [(label, flags, seed, name(flags, seed)) for label, flags, seed in runs]
+
+
+def read_log(path):
+    """The validation curve [(step, val_loss)] and training records of one run's log.jsonl."""
+    val, train = [], []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "val_loss" in rec:
+                val.append((rec["step"], rec["val_loss"]))
+            elif "tokens_per_s" in rec:
+                train.append(rec)
+    return val, train
+
+
+def finished(out_dir, max_iters=200):
+    path = os.path.join(out_dir, "log.jsonl")
+    return os.path.exists(path) and any(step == max_iters for step, _ in read_log(path)[0])
+
+
+def run_all(root, jobs):
+    """Train the unfinished runs, `jobs` at a time, the CPU's threads split between them."""
+    todo = [r for r in grid() if not finished(os.path.join(root, r[3]))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+    def one(run):
+        label, flags, seed, name = run
+        out_dir = os.path.join(root, name)
+        cmd = [sys.executable, "train.py", *flags.split(), f"--seed={seed}", f"--out_dir={out_dir}",
+               "--overwrite"]
+        print(" ".join(cmd[1:]), flush=True)
+        with open(out_dir + ".txt", "w") as out:
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+        if done.returncode != 0:
+            print(f"failed: {name} (see {out_dir}.txt)", flush=True)
+
+    os.makedirs(root, exist_ok=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def summarise(root):
+    """{label: dict(flags, seeds, final val losses, curves, tokens/s, active params)} of finished runs."""
+    from model import GPT, GPTConfig
+    from train import load_checkpoint
+    rows = {}
+    for label, flags, seed, name in grid():
+        out_dir = os.path.join(root, name)
+        if not finished(out_dir):
+            continue
+        val, train = read_log(os.path.join(out_dir, "log.jsonl"))
+        row = rows.setdefault(label, dict(flags=flags, seeds=[], final=[], curves=[], tok_s=[]))
+        row["seeds"].append(seed)
+        row["final"].append(val[-1][1])
+        row["curves"].append(val)
+        # the median over the log lines: one line slowed by something else on the machine moves it little
+        row["tok_s"].append(statistics.median(r["tokens_per_s"] for r in train))
+        if "active" not in row:
+            args = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model_args"]
+            row["active"] = GPT(GPTConfig(**args)).num_params()[1]
+    return rows
+
+
+def table(rows):
+    lines = ["| FFN | flags | seeds | val loss at step 200 | spread (max − min) | tokens/s | active params |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        n, mean = len(r["final"]), statistics.mean(r["final"])
+        spread = f"{max(r['final']) - min(r['final']):.4f}" if n > 1 else ""
+        loss = f"{mean:.4f}" + (f" ({', '.join(f'{v:.4f}' for v in r['final'])})" if n > 1 else "")
+        lines.append(f"| {label} | `{r['flags']}` | {n} | {loss} | {spread} | "
+                     f"{statistics.mean(r['tok_s']):,.0f} | {r['active'] / 1e6:.2f}M |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Validation loss against step: each baseline's seed mean with its min-max band, variants dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, r in rows.items():
+        steps = [s for s, _ in r["curves"][0]]
+        by_step = list(zip(*[[v for _, v in c] for c in r["curves"]]))
+        mean = [statistics.mean(vs) for vs in by_step]
+        for a in (ax, zoom):
+            line, = a.plot(steps, mean, "-" if label in BASELINES else "--", marker="o", ms=3,
+                           label=f"{label} ({len(r['curves'])} seed{'s' * (len(r['curves']) > 1)})")
+            if len(r["curves"]) > 1:
+                a.fill_between(steps, [min(vs) for vs in by_step], [max(vs) for vs in by_step],
+                               color=line.get_color(), alpha=0.2)
+    late = [v for r in rows.values() for c in r["curves"] for s, v in c if s >= 100]
+    zoom.set_xlim(95, 205)
+    zoom.set_ylim(min(late) - 0.05, max(late) + 0.05)
+    for a, title in ((ax, "validation loss"), (zoom, "steps 100-200")):
+        a.set_xlabel("step (1,024 tokens each)")
+        a.set_title(title)
+        a.grid(alpha=0.3)
+    ax.set_ylabel("val loss (nats/token)")
+    zoom.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--run", action="store_true", help="first train the runs that have not finished")
+    p.add_argument("--jobs", type=int, default=1, help="--run: runs at a time (each gets cores/jobs threads)")
+    p.add_argument("--runs_dir", default="runs", help="one out_dir per run in here")
+    p.add_argument("--plot", default="", help="PNG to write (default: RUNS_DIR/val_loss.png)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs={args.jobs}: expected >= 1")
+    if args.run:
+        run_all(args.runs_dir, args.jobs)
+    rows = summarise(args.runs_dir)
+    if not rows:
+        raise SystemExit(f"error: no finished run in {args.runs_dir}/ (python compare.py --run trains them)")
+    print(table(rows))
+    path = args.plot or os.path.join(args.runs_dir, "val_loss.png")
+    if plot(rows, path):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
