@@ -801,6 +801,8 @@ def main():
     p.add_argument("--reps", type=int, default=None,
                    help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png", help="PNG written when matplotlib is installed")
+    p.add_argument("--compile", action="store_true", help="time the dense FFNs and the PyTorch path "
+                   "under torch.compile (inductor fuses the element-wise passes; the kernel rows stay eager)")
     p.add_argument("--system_malloc", action="store_true", help="CPU: leave glibc's allocator as it is (by "
                    "default freed memory is kept in the process, as on CUDA: see keep_freed_memory)")
     args = p.parse_args()
@@ -828,7 +830,11 @@ def main():
                "(on a shared machine absolute times are noisy: compare the ratios)")
     print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
 
+    dense_ffn = _dense_ffn
     paths = {"PyTorch": inf_ffn_reference}
+    if args.compile:  # the first call of each compiles (a minute or two on a CPU); timing starts after
+        dense_ffn = torch.compile(_dense_ffn, dynamic=False)
+        paths = {"PyTorch, compiled": torch.compile(inf_ffn_reference, dynamic=False)}
     if cuda:
         paths["Triton"] = inf_ffn
         # correctness at the full shape, K=2, r=25%: kernel and bf16 reference, both against an fp32 reference
@@ -847,8 +853,8 @@ def main():
             print(f"{a + ' vs ' + b:<28s}" + " ".join(f"{rel(u, v):8.1e}" for u, v in zip(res[a], res[b])))
         del res, z
 
-    cases = {("dense", d_ff, 0): (_dense_ffn, (x, *ffn)),
-             ("dense", 4 * d, 0): (_dense_ffn, (x, leaf(4 * d, d), leaf(4 * d), leaf(d, 4 * d), leaf(d)))}
+    cases = {("dense", d_ff, 0): (dense_ffn, (x, *ffn)),
+             ("dense", 4 * d, 0): (dense_ffn, (x, leaf(4 * d, d), leaf(4 * d), leaf(d, 4 * d), leaf(d)))}
     for K in ks:
         z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
         for r in rates:
@@ -863,14 +869,16 @@ def main():
           "| saved for backward MiB | / dense d_ff |" + (" peak MiB |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for (path, K, r), (f, fb) in t.items():
-        label = f"dense, width {K} | | " if path == "dense" else f"∞-MoE, {path} | {K} | {r}%"
+        label = (f"dense{', compiled' * args.compile}, width {K} | | " if path == "dense"
+                 else f"∞-MoE, {path} | {K} | {r}%")
         saved = mem[path, K, r]
         print(f"| {label} | {f:.0f} | {fb:.0f} | {f / base[0]:.2f} | {fb / base[1]:.2f} | {fb / base4[1]:.2f} "
               f"| {saved:.0f} | {saved / base_mem:.2f} |" + (f" {peak[path, K, r]:.0f} |" if cuda else ""))
-    if ("PyTorch", 2, 25) in t:
-        ref = t["PyTorch", 2, 25]
-        print(f"\nK=2, r=25%: PyTorch path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN "
-              f"(target <= 1.3), activation memory {mem['PyTorch', 2, 25] / base_mem:.2f}x (target <= 1.5)")
+    pt = next(iter(paths))  # the PyTorch path, eager or compiled
+    if (pt, 2, 25) in t:
+        ref = t[pt, 2, 25]
+        print(f"\nK=2, r=25%: {pt} path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN "
+              f"(target <= 1.3), activation memory {mem[pt, 2, 25] / base_mem:.2f}x (target <= 1.5)")
         if cuda:
             ker = t["Triton", 2, 25]
             print(f"Triton kernel: fwd+bwd {ref[1] / ker[1]:.2f}x faster than the PyTorch path (target >= 2), "
