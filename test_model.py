@@ -1875,35 +1875,17 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     assert out.stdout.splitlines()[-1] == summary
 
 
-def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch):
-    # The kernel is a custom op (forward, backward) with fake versions and its autograd: no graph break,
-    # and AOTAutograd (the aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
+@pytest.mark.parametrize("kw", [dict(ffn="inf", use_kernel="on"), dict(ffn="inf", use_kernel="off"),
+                                dict(ffn="inf_deep", use_kernel="off", gate="pre", router_mix=2, router_depth=2)],
+                         ids=str)
+def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch, kw):
+    # The kernel is a custom op (forward, backward) with fake versions and its autograd; the PyTorch
+    # path's selection (a flag-guarded matmul, numpy's partition) is custom ops too, so the path and its
+    # hand-written backward are traced. Either way: no graph break, and AOTAutograd (the aot_eager
+    # backend) gives eager's loss and gradients. `on` never self-checks.
     monkeypatch.setattr(kernel, "_self_check", lambda *a: pytest.fail("use_kernel=on ran the self-check"))
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = GPT(tiny("inf", use_kernel="on", n_layer=1, n_embd=16))  # 16 tokens: one row tile
-    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
-    explained = torch._dynamo.explain(model)(idx, targets)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    results = []
-    for m in (model, torch.compile(model, backend="aot_eager")):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same ∞-MoE noise
-        _, loss = m(idx, targets)
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    torch._dynamo.reset()
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("kw", [dict(ffn="inf"), dict(ffn="inf_deep", gate="pre", router_mix=2, router_depth=2)],
-                         ids=str)
-def test_torch_compile_of_the_pytorch_path_is_one_graph_and_matches_eager(kw):
-    # the selection (a flag-guarded matmul, numpy's partition) is custom ops, so the PyTorch path and
-    # its hand-written backward trace into the model's one graph; compiled loss and gradients = eager's
-    torch._dynamo.reset()
-    model = tiny_model(use_kernel="off", n_layer=1, n_embd=16, **kw)
+    model = tiny_model(n_layer=1, n_embd=16, **kw)  # 16 tokens: one row tile of the kernel
     idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
     explained = torch._dynamo.explain(model)(idx, targets)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
