@@ -15,6 +15,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from model import GPT, GPTConfig
+from train import TrainConfig, load_checkpoint
+
 SEEDS = (1337, 1338, 1339)
 BASELINES = {"dense": "--ffn=dense", "switch": "--ffn=switch", "top2": "--ffn=top2", "inf": "--ffn=inf"}
 VARIANTS = {"inf, deep router": "--ffn=inf --router_depth=2",
@@ -34,9 +37,12 @@ def grid():
     return [(label, flags, seed, name(flags, seed)) for label, flags, seed in runs]
 
 
-def read_log(path):
-    """The validation curve [(step, val_loss)] and training records of one run's log.jsonl."""
+def read_log(out_dir):
+    """The validation curve [(step, val_loss)] and training records of a run's log.jsonl (none yet: [])."""
     val, train = [], []
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return val, train
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
@@ -47,14 +53,14 @@ def read_log(path):
     return val, train
 
 
-def finished(out_dir, max_iters=200):
-    path = os.path.join(out_dir, "log.jsonl")
-    return os.path.exists(path) and any(step == max_iters for step, _ in read_log(path)[0])
+def finished(val):
+    """Did the run evaluate at its last step (the default run's max_iters)?"""
+    return any(step == TrainConfig.max_iters for step, _ in val)
 
 
 def run_all(root, jobs):
     """Train the unfinished runs, `jobs` at a time, the CPU's threads split between them."""
-    todo = [r for r in grid() if not finished(os.path.join(root, r[3]))]
+    todo = [r for r in grid() if not finished(read_log(os.path.join(root, r[3]))[0])]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
     def one(run):
@@ -76,14 +82,12 @@ def run_all(root, jobs):
 
 def summarise(root):
     """{label: dict(flags, seeds, final val losses, curves, tokens/s, active params)} of finished runs."""
-    from model import GPT, GPTConfig
-    from train import load_checkpoint
     rows = {}
     for label, flags, seed, name in grid():
         out_dir = os.path.join(root, name)
-        if not finished(out_dir):
+        val, train = read_log(out_dir)
+        if not finished(val):
             continue
-        val, train = read_log(os.path.join(out_dir, "log.jsonl"))
         row = rows.setdefault(label, dict(flags=flags, seeds=[], final=[], curves=[], tok_s=[]))
         row["seeds"].append(seed)
         row["final"].append(val[-1][1])
@@ -97,7 +101,8 @@ def summarise(root):
 
 
 def table(rows):
-    lines = ["| FFN | flags | seeds | val loss at step 200 | spread (max − min) | tokens/s | active params |",
+    lines = [f"| FFN | flags | seeds | val loss at step {TrainConfig.max_iters} | spread (max − min) | tokens/s "
+             "| active params |",
              "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         n, mean = len(r["final"]), statistics.mean(r["final"])

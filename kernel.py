@@ -883,7 +883,7 @@ def main():
             ker = t["Triton", 2, 25]
             print(f"Triton kernel: fwd+bwd {ref[1] / ker[1]:.2f}x faster than the PyTorch path (target >= 2), "
                   f"{ker[1] / base[1]:.2f}x the dense width-d_ff FFN (target <= 1.3), peak memory "
-                  f"{peak['Triton', 2, 25] / peak['PyTorch', 2, 25]:.2f} of the PyTorch path's (target <= 0.33)")
+                  f"{peak['Triton', 2, 25] / peak[pt, 2, 25]:.2f} of the PyTorch path's (target <= 0.33)")
     try:
         import matplotlib
         matplotlib.use("Agg")

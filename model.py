@@ -272,9 +272,6 @@ class Top2MoE(TopKMoE):
     top_k, renormalise = 2, True
 
 
-BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # same-size integer views
-
-
 # The selection is three custom ops: opaque nodes with a shape-only fake version, so torch.compile
 # traces the rest of the ∞-MoE FFN, its hand-written backward included, into one graph. Inside them
 # a global flag is toggled and numpy runs, which a compiled graph cannot contain.
@@ -368,6 +365,9 @@ def averaged_topk_mask(z: torch.Tensor, W_z: torch.Tensor, top_frac: float
 def _(z, W_z, top_frac):
     (K, N, _), d_ff = z.shape, W_z.shape[0]
     return z.new_empty(N, d_ff), z.new_empty(d_ff), z.new_empty(K, N, d_ff, dtype=torch.bool)
+
+
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # same-size integer views
 
 
 class _InfFFN(torch.autograd.Function):
@@ -629,12 +629,16 @@ class InfMoE(nn.Module):
             warnings.warn(f"{why}: the Triton kernel computes one post-activation masked layer; "
                           f"running the PyTorch path instead")
 
-    def active_params(self):
-        """The router, W_z and at most (samples x n_keep) hidden units of W1/W2; samples = K, or 1 for
-        z = mu, times the router's components. The union of the masks can only be smaller."""
+    def samples(self):
+        """Masks drawn per token: K, or 1 for z = mu, times the router's components."""
         c = self.config
-        samples = (1 if c.z_deterministic else c.z_samples) * c.router_mix
-        idle = c.d_ff - min(c.d_ff, samples * c.n_keep)
+        return (1 if c.z_deterministic else c.z_samples) * c.router_mix
+
+    def active_params(self):
+        """The router, W_z and at most samples() x n_keep hidden units of W1/W2 (the union of the
+        masks can only be smaller)."""
+        c = self.config
+        idle = c.d_ff - min(c.d_ff, self.samples() * c.n_keep)
         return sum(p.numel() for p in self.parameters()) - idle * (2 * c.n_embd + int(c.bias))
 
 
@@ -663,8 +667,7 @@ class DeepInfMoE(InfMoE):
 
     def active_params(self):
         c = self.config
-        samples = (1 if c.z_deterministic else c.z_samples) * c.router_mix
-        u1, u2 = (min(c.d_ff, samples * keep_count(r, c.d_ff)) for r in self.top_fracs)
+        u1, u2 = (min(c.d_ff, self.samples() * keep_count(r, c.d_ff)) for r in self.top_fracs)
         d, b, n = c.n_embd, int(c.bias), c.d_ff
         masked = n * (d + b) + n * n + n * b + n * d          # W1 and b1, W_mid and b_mid, W2
         active = u1 * (d + b) + u1 * u2 + u2 * b + u2 * d
@@ -1007,9 +1010,7 @@ def upcycle(model, dense_state, d_ff_dense):
 
 if __name__ == "__main__":
     # `python model.py`: the parameter table and the memory one ∞-MoE layer keeps for backward (README)
-    import os
     import resource
-    from types import SimpleNamespace
 
     print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n|---|---|---|---|---|")
     for ffn in FFNS:
@@ -1041,5 +1042,5 @@ if __name__ == "__main__":
 
     print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward | peak RSS growth fwd+bwd |\n|---|---|---|---|")
     measure("dense FFN, d_ff = 4d", lambda: DenseFFN(GPTConfig(ffn="dense")))
-    measure("dense FFN, d_ff = 8d", lambda: DenseFFN(SimpleNamespace(n_embd=768, d_ff=8 * 768, bias=True)))
+    measure("dense FFN, d_ff = 8d", lambda: DenseFFN(GPTConfig(ffn="dense", d_ff_mult=8)))
     measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", lambda: InfMoE(GPTConfig(ffn="inf")))
