@@ -839,6 +839,7 @@ def train(cfg, model_args, ckpt, data_start, source=None):
         knobs = {k: model_args[k] for k in ("z_samples", "z_deterministic", "moe_top_k")}
         record = run_eval({"eval_only": True, **knobs})
         if ddp:
+            dist.barrier()
             dist.destroy_process_group()
         return record
 
@@ -920,7 +921,8 @@ def train(cfg, model_args, ckpt, data_start, source=None):
                 if key in record:
                     line += f", {key} {record[key]:.4g}"
             logger.log(record, line)
-    if ddp:
+    if ddp:  # tear the group down together: a rank that leaves early was seen to SIGABRT the other
+        dist.barrier()
         dist.destroy_process_group()
     return best_val
 
