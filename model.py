@@ -321,8 +321,10 @@ def row_threshold(m: torch.Tensor, n_keep: int) -> torch.Tensor:
     are all kept by `m >= threshold`.
 
     Found by selection, not by sorting. On the CPU numpy's partition (a vectorised introselect) is
-    ~5x faster than torch's topk, which moves (value, index) pairs; elsewhere an unsorted topk and
-    its minimum (GPUs run topk as a radix select).
+    ~3x faster than torch's topk, which moves (value, index) pairs. It runs on one core: splitting
+    the rows over threads halves it alone, but its threads then fight torch's OpenMP workers, which
+    spin-wait after each op (under torch.compile the layer got 1.6x slower). Elsewhere an unsorted
+    topk and its minimum (GPUs run topk as a radix select).
     """
     if m.device.type != "cpu":
         return m.topk(n_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
@@ -347,18 +349,19 @@ def averaged_topk_mask(z: torch.Tensor, W_z: torch.Tensor, top_frac: float
     """
     K, N, d_ff = z.shape[0], z.shape[1], W_z.shape[0]
     n_keep = keep_count(top_frac, d_ff)
-    M = z.new_zeros(N, d_ff)
+    M, counts, ones = z.new_zeros(N, d_ff), z.new_zeros(d_ff), z.new_ones(N)
     m, keep_f = z.new_empty(N, d_ff), z.new_empty(N, d_ff)  # buffers reused by every sample
-    counts, keep = z.new_zeros(d_ff), torch.empty(K, N, d_ff, dtype=torch.bool, device=z.device)
+    keep = torch.empty(K, N, d_ff, dtype=torch.bool, device=z.device)
     for k in range(K):
         with ieee_fp32():
             torch.matmul(z[k], W_z.t(), out=m)                  # m_k = W_z z_k
-        torch.ge(m, row_threshold(m, n_keep), out=keep[k])
-        # 0/1 as floats: float-only arithmetic is several times faster than mixing in a bool
-        keep_f.copy_(keep[k].view(torch.uint8))
-        M.addcmul_(m, keep_f)                                   # += TopN%(m_k), kept at their values
-        counts += keep_f.sum(0)
-    return M.div_(K), counts, keep
+        # kept as 1.0/0.0 first: a comparison writes floats faster than bools (5 vs 9 ms at GPT-2
+        # Small's width), and float-only arithmetic is several times faster than mixing in a bool
+        torch.ge(m, row_threshold(m, n_keep), out=keep_f)
+        keep[k].copy_(keep_f)
+        M.addcmul_(m, keep_f, value=1 / K)  # += TopN%(m_k) / K; M starts at +0: it holds no -0.0
+        counts.addmv_(keep_f.t(), ones)  # column sums as a matrix-vector product: 2x faster than sum(0)
+    return M, counts, keep
 
 
 @averaged_topk_mask.register_fake
@@ -406,7 +409,9 @@ class _InfFFN(torch.autograd.Function):
         h = F.gelu(pre)
         dM = da * h                           # dL/dM
         if need[3]:
-            dW2 = dy.t() @ h.mul_(M)          # h ⊙ M again, written over h
+            # h ⊙ M again, written over h. Not h.mul_(M): that is the forward's very op, so under
+            # torch.compile it would be merged with it and its result kept for backward (+0.5x memory)
+            dW2 = dy.t() @ torch.mul(M, h, out=h)
         if need[4] and ctx.has_bias[1]:
             db2 = dy.sum(0)
         # dL/dpre = (dL/dh) GELU'(pre), written over h: on the CPU fresh memory costs page faults

@@ -1815,18 +1815,40 @@ def test_fast_path_gradcheck_float64(K):
     assert torch.autograd.gradcheck(lambda *a: inf_ffn_reference(*a, 0.4)[0], args)
 
 
-def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
-    # activation memory: what autograd keeps beyond the inputs, against a dense FFN of the same width
-    # (which keeps its pre-activation and its activation: 2 fp32 tokens x d_ff tensors)
-    inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True)
+def saved_for_backward(fn, inp):
+    """{address: bytes} of what autograd keeps for fn's backward beyond its inputs."""
     inputs = {t.data_ptr() for t in inp.values() if t is not None}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = inf_ffn_reference(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
+        y = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
     y.sum().backward()
-    kept = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
-    dense = 2 * 64 * 96 * 4
-    assert sum(kept.values()) <= 1.5 * dense, kept
+    return {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
+
+
+def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
+    # activation memory against a dense FFN of the same width, which keeps its pre-activation and
+    # its activation: 2 fp32 tokens x d_ff tensors
+    kept = saved_for_backward(inf_ffn_reference, make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True))
+    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
+
+
+def test_inductor_gives_the_fast_path_eager_values_and_memory():
+    # torch.compile's default backend fuses the path's element-wise passes and chooses afresh what to
+    # keep for backward: the same values and gradients as eager, and no more than 1.5x a dense FFN's
+    # memory (it used to keep the forward's GELU(pre) ⊙ M as well: 1.75x)
+    torch._dynamo.reset()
+    inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True, seed=4)
+    dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(inf_ffn_reference, dynamic=False)
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(compiled, inp, 0.25, dy), run(inf_ffn_reference, inp, 0.25, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    kept = saved_for_backward(compiled, inp)
+    torch._dynamo.reset()
+    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
 
 
 def test_selection_custom_ops_pass_opcheck():
@@ -1873,6 +1895,27 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
     summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
     assert out.stdout.splitlines()[-1] == summary
+
+
+def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
+    # `python kernel.py` at a toy shape: every row, and the activation memory against a dense FFN of
+    # width d_ff (pre-activation + activation, 8 bytes per token and unit) worked out by hand: the
+    # path keeps pre and M (8 bytes) and one keep byte per sample: 1 + K/8 of it
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "kernel.py", "--tokens=64", "--d=16", "--d_ff=128", "--d_z=8",
+                          "--ks=1,2", "--rates=25,50", "--reps=1", f"--plot={tmp_path / 'b.png'}"],
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| FFN")]
+    assert [r[:3] for r in rows] == [["dense, width 128", "", ""], ["dense, width 64", "", ""],
+                                     ["∞-MoE, PyTorch", "1", "25%"], ["∞-MoE, PyTorch", "1", "50%"],
+                                     ["floor: dense d_ff + W_z products + thresholds", "1", "25%"],
+                                     ["∞-MoE, PyTorch", "2", "25%"], ["∞-MoE, PyTorch", "2", "50%"],
+                                     ["floor: dense d_ff + W_z products + thresholds", "2", "25%"]]
+    assert [r[-1] for r in rows] == ["1.00", "0.50", "1.12", "1.12", "", "1.25", "1.25", ""]
+    assert "the floor (dense + W_z products + thresholds" in out.stdout.splitlines()[-2]
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("kw", [dict(ffn="inf", use_kernel="on"), dict(ffn="inf", use_kernel="off"),
