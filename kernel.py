@@ -711,8 +711,8 @@ class _Floor(torch.autograd.Function):
 
 
 def _floor_ffn(dense_ffn, x, W1, b1, W2, b2, W_z, z, top_frac):
-    n_keep = max(1, round(top_frac * W_z.shape[0]))  # as model.keep_count
-    return dense_ffn(_Floor.apply(x, W_z, z, n_keep), W1, b1, W2, b2)
+    from model import keep_count
+    return dense_ffn(_Floor.apply(x, W_z, z, keep_count(top_frac, W_z.shape[0])), W1, b1, W2, b2)
 
 
 def keep_freed_memory():
