@@ -1,11 +1,12 @@
 """
 The README's comparison of the FFNs on the bundled sample, rerun by anyone in two commands:
 
-    python compare.py --run     # train every run of the grid that has not finished (~1.5 h on 2 cores)
+    python compare.py --run     # train every run of the grid not yet finished (~1.5 h on 2 cores)
     python compare.py           # the table (markdown) from runs/*/log.jsonl, and runs/val_loss.png
 
-Every run is the default `python train.py` (the tiny model, 200 steps of 1,024 tokens, data/sample) with
-one FFN's flags and a seed: dense, switch, top2 and inf with three seeds each, every variant with one.
+Every run is the default `python train.py` (the tiny model, 200 steps of 1,024 tokens, data/sample)
+with one FFN's flags and a seed: dense, switch, top2 and inf with three seeds each, every variant
+with one.
 """
 import argparse
 import json
@@ -15,11 +16,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from infra import load_checkpoint
 from model import GPT, GPTConfig
-from train import TrainConfig, load_checkpoint
 
 SEEDS = (1337, 1338, 1339)
-BASELINES = {"dense": "--ffn=dense", "switch": "--ffn=switch", "top2": "--ffn=top2", "inf": "--ffn=inf"}
+BASELINES = {"dense": "--ffn=dense", "switch": "--ffn=switch", "top2": "--ffn=top2",
+             "inf": "--ffn=inf"}
 VARIANTS = {"inf, deep router": "--ffn=inf --router_depth=2",
             "inf, mixture router": "--ffn=inf --router_mix=4",
             "inf, pre-activation gate": "--ffn=inf --gate=pre",
@@ -33,12 +35,12 @@ def grid():
     runs = [(label, flags, seed) for label, flags in BASELINES.items() for seed in SEEDS]
     runs += [(label, flags, SEEDS[0]) for label, flags in VARIANTS.items()]
     name = lambda flags, seed: "-".join(f.removeprefix("--ffn=").lstrip("-").replace("=", "_")
-                                        for f in flags.split()) + f"-s{seed}"         # inf-gate_pre-s1337
+                                        for f in flags.split()) + f"-s{seed}"  # inf-gate_pre-s1337
     return [(label, flags, seed, name(flags, seed)) for label, flags, seed in runs]
 
 
 def read_log(out_dir):
-    """The validation curve [(step, val_loss)] and training records of a run's log.jsonl (none yet: [])."""
+    """The validation curve [(step, val_loss)] and training records of a run's log.jsonl."""
     val, train = [], []
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
@@ -53,14 +55,21 @@ def read_log(out_dir):
     return val, train
 
 
-def finished(val):
-    """Did the run evaluate at its last step (the default run's max_iters)?"""
-    return any(step == TrainConfig.max_iters for step, _ in val)
+def finished_run(out_dir):
+    """(validation curve, training records, checkpoint) of a run that has finished: its checkpoint
+    is at its own max_iters and its log evaluated there. None for a run that has not."""
+    val, train = read_log(out_dir)
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not val or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    steps = ckpt["config"]["max_iters"]
+    return (val, train, ckpt) if ckpt["iter_num"] == val[-1][0] == steps else None
 
 
 def run_all(root, jobs):
     """Train the unfinished runs, `jobs` at a time, the CPU's threads split between them."""
-    todo = [r for r in grid() if not finished(read_log(os.path.join(root, r[3]))[0])]
+    todo = [r for r in grid() if finished_run(os.path.join(root, r[3])) is None]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
     def one(run):
@@ -81,27 +90,29 @@ def run_all(root, jobs):
 
 
 def summarise(root):
-    """{label: dict(flags, seeds, final val losses, curves, tokens/s, active params)} of finished runs."""
+    """{label: dict(flags, seeds, steps, final val losses, curves, tokens/s, active params)} of the
+    finished runs."""
     rows = {}
     for label, flags, seed, name in grid():
-        out_dir = os.path.join(root, name)
-        val, train = read_log(out_dir)
-        if not finished(val):
+        run = finished_run(os.path.join(root, name))
+        if run is None:
             continue
+        val, train, ckpt = run
         row = rows.setdefault(label, dict(flags=flags, seeds=[], final=[], curves=[], tok_s=[]))
         row["seeds"].append(seed)
+        row["steps"] = val[-1][0]
         row["final"].append(val[-1][1])
         row["curves"].append(val)
-        # the median over the log lines: one line slowed by something else on the machine moves it little
+        # the median over the log lines: one slowed by something else on the machine moves it little
         row["tok_s"].append(statistics.median(r["tokens_per_s"] for r in train))
         if "active" not in row:
-            args = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model_args"]
-            row["active"] = GPT(GPTConfig(**args)).num_params()[1]
+            row["active"] = GPT(GPTConfig(**ckpt["model_args"])).num_params()[1]
     return rows
 
 
 def table(rows):
-    lines = [f"| FFN | flags | seeds | val loss at step {TrainConfig.max_iters} | spread (max − min) | tokens/s "
+    steps = next(iter(rows.values()))["steps"]
+    lines = [f"| FFN | flags | seeds | val loss at step {steps} | spread (max − min) | tokens/s "
              "| active params |",
              "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -114,7 +125,8 @@ def table(rows):
 
 
 def plot(rows, path):
-    """Validation loss against step: each baseline's seed mean with its min-max band, variants dashed."""
+    """Validation loss against step: each baseline's seed mean with its min-max band, variants
+    dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -150,7 +162,8 @@ def plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--run", action="store_true", help="first train the runs that have not finished")
-    p.add_argument("--jobs", type=int, default=1, help="--run: runs at a time (each gets cores/jobs threads)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="--run: runs at a time (each gets cores/jobs threads)")
     p.add_argument("--runs_dir", default="runs", help="one out_dir per run in here")
     p.add_argument("--plot", default="", help="PNG to write (default: RUNS_DIR/val_loss.png)")
     args = p.parse_args(argv)
@@ -160,7 +173,8 @@ def main(argv=None):
         run_all(args.runs_dir, args.jobs)
     rows = summarise(args.runs_dir)
     if not rows:
-        raise SystemExit(f"error: no finished run in {args.runs_dir}/ (python compare.py --run trains them)")
+        raise SystemExit(f"error: no finished run in {args.runs_dir}/ (python compare.py --run "
+                         f"trains them)")
     print(table(rows))
     path = args.plot or os.path.join(args.runs_dir, "val_loss.png")
     if plot(rows, path):

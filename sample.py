@@ -9,21 +9,20 @@ Generate text from a checkpoint that train.py wrote.
   python sample.py --help                                       # every option, default, meaning
 """
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig, from_pretrained
+from infra import UsageError, autocast, check_dtype, check_ranges, parse_args, pick_device, usage
+from model import GPT, GPTConfig
 from prepare_fineweb import get_tokenizer
-from train import (RANGES, UsageError, at_least, check_dtype, check_ranges, parse_args, pick_device,
-                   starting_point, usage)
+from pretrained import from_pretrained, starting_point
 
 
 @dataclass
 class SampleConfig:
     out_dir: str = "out"         # where train.py wrote ckpt.pt
-    init_from: str = "resume"    # resume (out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH
+    init_from: str = "resume"    # resume (out_dir/ckpt.pt) | gpt2 | gpt2-medium | ... | PATH
     start: str = "\n"            # prompt text, or FILE:path to read it from a file
     num_samples: int = 3         # samples to draw, one after the other
     max_new_tokens: int = 200    # tokens generated per sample
@@ -37,9 +36,9 @@ class SampleConfig:
     moe_top_k: int = 0           # switch/top2 experts per token; 0 keeps the checkpoint's
 
 
-# sample.py's own ranges where its options mean something else than train.py's (0 = keep the checkpoint's)
-SAMPLE_RANGES = {**RANGES, "num_samples": at_least(1), "max_new_tokens": at_least(0),
-                 "temperature": at_least(0), "top_k": at_least(0), "z_samples": at_least(0)}
+# The valid values of each numeric option (0 keeps the checkpoint's K or experts per token).
+RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
+          "seed": ">= 0", "z_samples": ">= 0", "moe_top_k": ">= 0"}
 
 
 def read_prompt(start):
@@ -63,23 +62,24 @@ def main(argv=None):
         return None
     cfg = SampleConfig()
     given = parse_args(argv, cfg)
-    check_ranges(given, SAMPLE_RANGES)
+    check_ranges(given, RANGES)
     check_dtype(cfg.dtype)
     device = pick_device(cfg.device)
-    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    _, ctx = autocast(device, cfg.dtype)
     start = read_prompt(cfg.start)
 
     if cfg.init_from == "scratch":
-        raise UsageError("--init_from=scratch: sample.py needs trained weights (resume, gpt2, a PATH)")
+        raise UsageError("--init_from=scratch: sample.py needs trained weights (resume, gpt2, "
+                         "a PATH)")
     ckpt, source = starting_point(cfg.init_from, cfg.out_dir)
-    if source is not None:  # GPT-2, a Hugging Face directory, a ckpt.pt or an out_dir: its shape, its weights
+    if source is not None:  # GPT-2, a Hugging Face directory, a ckpt.pt or an out_dir
         model = from_pretrained(cfg.init_from, weights=source)
     else:
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
     if cfg.moe_top_k > model.config.n_expert:
-        raise UsageError(f"--moe_top_k={cfg.moe_top_k}: this model has {model.config.n_expert} experts")
+        raise UsageError(f"--moe_top_k={cfg.moe_top_k}: this model has {model.config.n_expert} "
+                         f"experts")
     model.set_sampling(z_samples=cfg.z_samples or None, moe_top_k=cfg.moe_top_k or None,
                        z_deterministic=cfg.z_deterministic if "z_deterministic" in given else None)
     model.eval().to(device)
@@ -97,7 +97,8 @@ def main(argv=None):
     texts = []
     for _ in range(cfg.num_samples):
         with ctx:  # temperature 0 is greedy: generate() divides by max(temperature, 1e-8)
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k or None)
         texts.append(enc.decode(y[0].tolist()))
         print(texts[-1])
         print("---------------")
@@ -107,6 +108,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError) as e:  # UsageError, config errors, optional packages
+    except (ValueError, FileNotFoundError, ImportError) as e:  # UsageError, config, packages
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

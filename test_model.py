@@ -24,13 +24,17 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel  # tests only: a small random GPT-2 to compare with
 
 import compare
+import infra
 import kernel
 import prepare_fineweb
+import pretrained
 import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
-from model import GPT, GPTConfig, averaged_topk_mask, inf_ffn_reference, selection_scores
-from model import expected_mask_value, from_pretrained
+from infra import UsageError, load_checkpoint
+from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
+from model import GPT, GPTConfig, inf_ffn
+from pretrained import expected_mask_value, from_pretrained
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard,
                              shard_paths, write_shard)
 from train import collate, hellaswag_eval, render_example, score_endings
@@ -216,7 +220,7 @@ def test_routing_stats_entropy_against_hand_computation():
     layer = tiny_model("inf").transformer.h[0].mlp
     x, eps = torch.randn(10, 32), torch.randn(2, 10, 8)
     layer(x, eps=eps)
-    _, counts, n_active = inf_ffn_reference(x, layer.W1.weight, layer.W1.bias, layer.W2.weight,
+    _, counts, n_active = fast_inf_ffn(x, layer.W1.weight, layer.W1.bias, layer.W2.weight,
                                             layer.W2.bias, layer.W_z, torch.zeros(2, 10, 8), 0.25)
     # recompute q by hand from the selected index sets
     mu, logvar = router_by_hand(layer, x)
@@ -678,7 +682,7 @@ def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
     assert len(texts) == 2 and all(t.startswith(prompt) and len(t) > len(prompt) for t in texts)
     with pytest.raises(ValueError, match="vocab_size 97"):
         sample.main([f"--out_dir={out}", "--start=Hello"])
-    with pytest.raises(train.UsageError, match="no checkpoint"):
+    with pytest.raises(UsageError, match="no checkpoint"):
         sample.main([f"--out_dir={tmp_path / 'nowhere'}"])
 
 
@@ -832,8 +836,8 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
     examples = load_hellaswag(str(path))
     assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
     net = tiny_model("inf", vocab_size=V, block_size=64)
-    seen_K, real = [], model_py.inf_ffn_reference
-    monkeypatch.setattr(model_py, "inf_ffn_reference", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
+    seen_K, real = [], kernel.fast_inf_ffn
+    monkeypatch.setattr(kernel, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
     enc = get_tokenizer()
     for K, deterministic in ((4, False), (2, True)):
         net.set_sampling(z_samples=K, z_deterministic=deterministic)
@@ -898,7 +902,7 @@ def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
                  "--hellaswag_limit=4", "--moe_top_k=1")
     assert record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1 and record["moe_top_k"] == 1
     assert "hellaswag acc" in capsys.readouterr().out
-    with pytest.raises(train.UsageError, match="prepare_fineweb.py --hellaswag"):
+    with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
         run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}")
 
 
@@ -924,8 +928,8 @@ def run(fn, inp, top_frac, dy):
 def check_against_reference(inp, top_frac, rtol=1e-4, atol=1e-5):
     dy = torch.randn(inp["x"].shape[0], inp["W2"].shape[0], generator=torch.Generator().manual_seed(1))
     dy = dy.to(inp["x"].dtype)
-    y0, c0, n0, g0 = run(inf_ffn_reference, inp, top_frac, dy)
-    y1, c1, n1, g1 = run(kernel.inf_ffn, inp, top_frac, dy)
+    y0, c0, n0, g0 = run(fast_inf_ffn, inp, top_frac, dy)
+    y1, c1, n1, g1 = run(kernel.triton_inf_ffn, inp, top_frac, dy)
     assert y1.dtype == inp["x"].dtype and y1.shape == y0.shape
     torch.testing.assert_close(y1, y0, rtol=rtol, atol=atol)
     assert torch.equal(c1, c0.float()) and c1.dtype == torch.float32
@@ -958,7 +962,7 @@ def test_ties_follow_the_tie_rule():
     inp["z"] = scores[None].clone().requires_grad_()
     inp["W_z"] = torch.eye(8).requires_grad_()
     keep = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8, [1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    y, counts, n_active = kernel.inf_ffn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)
+    y, counts, n_active = kernel.triton_inf_ffn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)
     M = torch.where(keep, scores, 0.0)
     h = F.gelu(F.linear(inp["x"], inp["W1"], inp["b1"]))
     torch.testing.assert_close(y, F.linear(h * M, inp["W2"], inp["b2"]), rtol=1e-5, atol=1e-6)
@@ -998,7 +1002,7 @@ def test_bf16_runs():
 def test_cpu_without_interpreter_raises():
     code = ("import os, torch; os.environ.pop('TRITON_INTERPRET', None); import kernel\n"
             "t = torch.zeros(2, 2)\n"
-            "try: kernel.inf_ffn(t, t, None, t, None, t, t[None], 0.5)\n"
+            "try: kernel.triton_inf_ffn(t, t, None, t, None, t, t[None], 0.5)\n"
             "except RuntimeError as e: print('raised:', 'TRITON_INTERPRET=1' in str(e))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -1038,7 +1042,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(SystemExit, match="training loss is nan"):
         train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
-    ckpt = train.load_checkpoint(out / "ckpt.pt")  # written at step 4, before the NaN at step 6
+    ckpt = load_checkpoint(out / "ckpt.pt")  # written at step 4, before the NaN at step 6
     assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -1346,12 +1350,12 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
     ]
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as when it is not installed
     for argv, words in cases:
-        with pytest.raises(train.UsageError) as err:
+        with pytest.raises(UsageError) as err:
             train.main(tiny_run(shards, out, *argv))
         assert words in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
     assert not out.exists()  # nothing was written
     monkeypatch.delenv("TRITON_INTERPRET")  # the kernel would need a GPU
-    with pytest.raises(train.UsageError, match="--use_kernel=on needs a CUDA device"):
+    with pytest.raises(UsageError, match="--use_kernel=on needs a CUDA device"):
         train.main(tiny_run(shards, out, "--use_kernel=on"))
 
 
@@ -1370,7 +1374,7 @@ def test_bad_sample_options(tmp_path, no_model):
         ([f"--out_dir={tmp_path}"], f"no checkpoint at {tmp_path / 'ckpt.pt'}"),
     ]
     for argv, words in cases:
-        with pytest.raises(train.UsageError) as err:
+        with pytest.raises(UsageError) as err:
             sample.main(argv)
         assert words in str(err.value), (argv, str(err.value))
 
@@ -1387,7 +1391,7 @@ def test_one_line_error_and_exit_status_2(shards, tmp_path):
 def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
     ckpt = trained(shards, tmp_path / "out")
     raw = ckpt.read_bytes()
-    assert train.load_checkpoint(ckpt)["iter_num"] == 2
+    assert load_checkpoint(ckpt)["iter_num"] == 2
     middle = len(raw) // 2
     damages = {"7 bytes overwritten": raw[:middle] + b"\xff" * 7 + raw[middle + 7:],
                "truncated": raw[:middle], "empty": b""}
@@ -1399,7 +1403,7 @@ def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
     for damage, data in damages.items():
         ckpt.write_bytes(data)
         for reader, call in readers.items():
-            with pytest.raises(train.UsageError, match=str(ckpt)):
+            with pytest.raises(UsageError, match=str(ckpt)):
                 call()
         assert ckpt.read_bytes() == data, damage  # refused, not overwritten
 
@@ -1407,11 +1411,11 @@ def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
 def test_scratch_run_never_overwrites_a_checkpoint(shards, tmp_path):
     ckpt = trained(shards, tmp_path / "out")
     before = ckpt.read_bytes()
-    with pytest.raises(train.UsageError, match="--init_from=resume.*--overwrite"):
+    with pytest.raises(UsageError, match="--init_from=resume.*--overwrite"):
         train.main(tiny_run(shards, tmp_path / "out", "--max_iters=2", "--eval_interval=2"))
     assert ckpt.read_bytes() == before
     train.main(tiny_run(shards, tmp_path / "out", "--max_iters=3", "--eval_interval=3", "--overwrite"))
-    assert train.load_checkpoint(ckpt)["iter_num"] == 3
+    assert load_checkpoint(ckpt)["iter_num"] == 3
     assert [r["step"] for r in read_log(tmp_path / "out") if "loss" in r] == [1, 2, 3]  # the old log is gone
 
 
@@ -1423,20 +1427,20 @@ def test_out_dir_lock_refuses_a_live_run_and_not_a_killed_one(shards, tmp_path):
                                str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(train.UsageError, match="is in use by another run"):
+        with pytest.raises(UsageError, match="is in use by another run"):
             train.main(tiny_run(shards, out, "--max_iters=1"))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     (out / "ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")  # as a killed run leaves it
     train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1"))
-    assert train.load_checkpoint(out / "ckpt.pt")["iter_num"] == 1 and not (out / "ckpt.pt.4242.tmp").exists()
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 1 and not (out / "ckpt.pt.4242.tmp").exists()
 
 
 def test_resume_past_max_iters_stops_with_an_error(shards, tmp_path):
     trained(shards, tmp_path / "out")
     for max_iters in (1, 2):
-        with pytest.raises(train.UsageError, match=f"at step 2 and --max_iters={max_iters}"):
+        with pytest.raises(UsageError, match=f"at step 2 and --max_iters={max_iters}"):
             train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume", f"--max_iters={max_iters}"))
 
 
@@ -1467,19 +1471,19 @@ def test_resume_refuses_changes_that_make_another_run(shards, tmp_path):
     shutil.copytree(shards, other)
     for flag, words in [(f"--data_dir={other}", f"--data_dir={shards}"), ("--batch_size=2", "--batch_size=4"),
                         ("--learning_rate=1e-2", "--learning_rate=0.003"), ("--d_z=4", "--d_z=8")]:
-        with pytest.raises(train.UsageError, match="was trained with " + words):
+        with pytest.raises(UsageError, match="was trained with " + words):
             train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", flag])
     train.main([f"--out_dir={out}", "--init_from=resume", "--eval_only", f"--data_dir={other}"])  # scoring: fine
     train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", f"--data_dir={other}",
                 "--allow_changes"])
-    assert train.load_checkpoint(out / "ckpt.pt")["config"]["data_dir"] == str(other)
+    assert load_checkpoint(out / "ckpt.pt")["config"]["data_dir"] == str(other)
 
 
 def test_resume_with_remade_shards_is_an_error(shards, tmp_path):
     out = tmp_path / "out"
     trained(shards, out, "--batch_size=16", "--block_size=64", "--eval_iters=1")  # 2 x 1024 tokens read
     write_llmc_shard(shards / "syn_train_000001.bin", np.arange(1500) % 97)  # remade, shorter
-    with pytest.raises(train.UsageError, match="stopped at train shard 0, token 2048.*remade"):
+    with pytest.raises(UsageError, match="stopped at train shard 0, token 2048.*remade"):
         train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
 
 
@@ -1549,7 +1553,7 @@ def test_help_lists_every_option_with_default_and_meaning(capsys):
             assert f"--{f.name}=" in text, f.name
     assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
     for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
-        assert [name for name, note in train.field_help(cls).items() if not note] == [], cls.__name__
+        assert [name for name, note in infra.field_help(cls).items() if not note] == [], cls.__name__
     assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
     sample.main(["--help"])
     text = capsys.readouterr().out
@@ -1738,31 +1742,47 @@ def test_train_with_aux_loss_free_balancing(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=switch", "--balance=bias", "--balance_rate=0.01", "--max_iters=3",
                         "--eval_interval=3"))
-    bias = train.load_checkpoint(out / "ckpt.pt")["model"]["transformer.h.0.mlp.balance_bias"]
+    bias = load_checkpoint(out / "ckpt.pt")["model"]["transformer.h.0.mlp.balance_bias"]
     steps = bias / 0.01
     assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
     assert len(read_log(out)[-2]["load"]) == 4
 
 
-# ---- the fast PyTorch ∞-MoE path (model.inf_ffn_reference)
+# ---- the ∞-MoE equations (model.inf_ffn) and the fast PyTorch path (kernel.fast_inf_ffn)
 
-def naive_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
-    """The oracle: K separate expert passes f(x, z_k) = W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged,
-    plain autograd. mask_k keeps every score >= the n_keep-th largest of its row (found by a full
-    sort) at its own value. Returns y, counts and n_active like inf_ffn_reference."""
+def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """model.inf_ffn's definition computed another way: K separate expert passes f(x, z_k) =
+    W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged, with mask_k built by index: the n_keep largest
+    scores of each row scattered at their own values (random scores: no ties). Returns y, counts
+    and n_active like inf_ffn."""
     n_keep = max(1, round(top_frac * W_z.shape[0]))
-    ys, masks = [], []
+    ys, masks, counts = [], [], 0
     for k in range(z.shape[0]):
         m = z[k] @ W_z.t()
-        kth = m.detach().sort(dim=-1, descending=True).values[:, n_keep - 1:n_keep]
-        masks.append(torch.where(m >= kth, m, torch.zeros_like(m)))
+        idx = m.detach().sort(dim=-1, descending=True).indices[:, :n_keep]
+        masks.append(torch.zeros_like(m).scatter(1, idx, m.gather(1, idx)))
+        counts = counts + torch.zeros(m.shape[1]).index_add_(0, idx.flatten(), torch.ones(idx.numel()))
         ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * masks[-1].to(x.dtype), W2, b2))
-    counts = sum((mk.detach() != 0).sum(0) for mk in masks).float()  # random scores: no kept 0.0
     return sum(ys) / len(ys), counts, (sum(masks) != 0).sum().float()
 
 
+@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (3, False, 0.1), (2, True, 1.0)])
+def test_inf_ffn_states_the_k_pass_definition(K, bias, top_frac):
+    # the oracle of every fast path, itself against the definition computed by index
+    inp = make_inputs(N=23, d=10, d_ff=36, d_z=5, K=K, bias=bias, seed=20 + K)
+    dy = torch.randn(23, 10, generator=torch.Generator().manual_seed(4))
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(inf_ffn, inp, top_frac, dy), run(index_inf_ffn, inp, top_frac, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def fast_and_naive(inp, top_frac, dy):
-    return run(inf_ffn_reference, inp, top_frac, dy), run(naive_inf_ffn, inp, top_frac, dy)
+    """The fast path and its oracle, model.inf_ffn (the paper's K-pass equations)."""
+    return run(fast_inf_ffn, inp, top_frac, dy), run(inf_ffn, inp, top_frac, dy)
 
 
 @pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (2, True, 0.25), (3, False, 0.1),
@@ -1812,7 +1832,7 @@ def test_fast_path_gradcheck_float64(K):
     inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
     inp["z"] = inp["z"].detach().double().requires_grad_()
     args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
-    assert torch.autograd.gradcheck(lambda *a: inf_ffn_reference(*a, 0.4)[0], args)
+    assert torch.autograd.gradcheck(lambda *a: fast_inf_ffn(*a, 0.4)[0], args)
 
 
 def saved_for_backward(fn, inp):
@@ -1828,7 +1848,7 @@ def saved_for_backward(fn, inp):
 def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
     # activation memory against a dense FFN of the same width, which keeps its pre-activation and
     # its activation: 2 fp32 tokens x d_ff tensors
-    kept = saved_for_backward(inf_ffn_reference, make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True))
+    kept = saved_for_backward(fast_inf_ffn, make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True))
     assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
 
 
@@ -1839,9 +1859,9 @@ def test_inductor_gives_the_fast_path_eager_values_and_memory():
     torch._dynamo.reset()
     inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True, seed=4)
     dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
-    compiled = torch.compile(inf_ffn_reference, dynamic=False)
+    compiled = torch.compile(fast_inf_ffn, dynamic=False)
     (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
-        run(compiled, inp, 0.25, dy), run(inf_ffn_reference, inp, 0.25, dy))
+        run(compiled, inp, 0.25, dy), run(fast_inf_ffn, inp, 0.25, dy))
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
     assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
     for name in grads0:
@@ -1886,7 +1906,7 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "kernel.py", "--compile-check", "--quick"], env=env,
+    out = subprocess.run([sys.executable, "bench.py", "--compile-check", "--quick"], env=env,
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
@@ -1902,7 +1922,7 @@ def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
     # width d_ff (pre-activation + activation, 8 bytes per token and unit) worked out by hand: the
     # path keeps pre and M (8 bytes) and one keep byte per sample: 1 + K/8 of it
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "kernel.py", "--tokens=64", "--d=16", "--d_ff=128", "--d_z=8",
+    out = subprocess.run([sys.executable, "bench.py", "--tokens=64", "--d=16", "--d_ff=128", "--d_z=8",
                           "--ks=1,2", "--rates=25,50", "--reps=1", f"--plot={tmp_path / 'b.png'}"],
                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -1951,7 +1971,7 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
         assert kernel.kernel_ok("cpu", torch.float32) is True
 
     # a kernel whose W_z gradient is 1.5x too large: the check names dW_z (and nothing else), once
-    real = kernel.inf_ffn
+    real = kernel.triton_inf_ffn
 
     def skewed(x, W1, b1, W2, b2, W_z, z, top_frac):
         W_z = W_z.view_as(W_z)
@@ -1959,7 +1979,7 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
         return real(x, W1, b1, W2, b2, W_z, z, top_frac)
 
     monkeypatch.setattr(kernel, "_VERDICTS", {})
-    monkeypatch.setattr(kernel, "inf_ffn", skewed)
+    monkeypatch.setattr(kernel, "triton_inf_ffn", skewed)
     expected = r"disagrees .* on cpu .*: dW_z \(max abs error [0-9.e-]+\)\. Using"
     with pytest.warns(RuntimeWarning, match=expected) as w:
         assert kernel.kernel_ok("cpu", torch.float32) is False
@@ -1972,7 +1992,7 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
     def broken(*args):
         raise RuntimeError("out of resources: shared memory, Required: 114688, Hardware limit: 101376")
 
-    monkeypatch.setattr(kernel, "inf_ffn", broken)
+    monkeypatch.setattr(kernel, "triton_inf_ffn", broken)
     with pytest.warns(RuntimeWarning, match="RuntimeError: out of resources: shared memory"):
         assert kernel.kernel_ok("cpu", torch.bfloat16) is False
 
@@ -2061,10 +2081,10 @@ def test_init_from_takes_the_shape_from_the_source(hf_gpt2, tmp_path):
 def test_init_from_our_checkpoint_and_out_dir(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=dense", "--max_iters=2", "--eval_interval=2"))
-    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    ckpt = load_checkpoint(out / "ckpt.pt")
     for source in (out, out / "ckpt.pt"):  # train.py and sample.py read our files; from_pretrained builds
-        assert train.starting_point(str(source), str(tmp_path))[0] is None  # not a resume: a new run
-        model = from_pretrained(str(source), weights=train.starting_point(str(source), str(tmp_path))[1])
+        assert pretrained.starting_point(str(source), str(tmp_path))[0] is None  # not a resume: a new run
+        model = from_pretrained(str(source), weights=pretrained.starting_point(str(source), str(tmp_path))[1])
         assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     # training from it starts at step 0 from its weights: same val loss as the source at its last step
     log = train.main(tiny_run(shards, tmp_path / "b", f"--init_from={out}", "--eval_only"))
@@ -2174,7 +2194,9 @@ def test_compare_tables_and_plots_finished_runs(tmp_path):
             for step, v in curve:
                 f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
                 f.write(json.dumps({"step": step + 10, "loss": v, "tokens_per_s": tok_s.pop(0)}) + "\n")
-        train.save_checkpoint(str(out / "ckpt.pt"), {"model_args": dataclasses.asdict(tiny(ffn))})
+        ckpt = {"model_args": dataclasses.asdict(tiny(ffn)), "iter_num": curve[-1][0],
+                "config": {"max_iters": 200}}
+        infra.save_checkpoint(str(out / "ckpt.pt"), ckpt)
 
     fake_run("dense-s1337", "dense", [(0, 11.0), (200, 6.25)], [100.0, 900.0])
     fake_run("dense-s1338", "dense", [(0, 11.0), (200, 6.20)], [200.0, 300.0])

@@ -1,0 +1,452 @@
+"""
+Measures the ∞-MoE FFN's fast paths (kernel.py), the way nanoGPT's bench.py measures its model:
+
+  python bench.py                   # latency and memory against dense FFNs of width d_ff and 4d:
+                                    # the PyTorch path on any device, the Triton kernel on CUDA
+  python bench.py --quick           # K=2, r=25% only
+  python bench.py --compile-check   # compile every Triton kernel for sm80-sm90, no GPU needed
+
+On the CPU the times are noisy on a shared machine: compare the ratios, which are measured within
+one run, every case timed once per round.
+"""
+import argparse
+import contextlib
+import ctypes
+import io
+import re
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import kernel
+from model import keep_count
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def dense_ffn(x, W1, b1, W2, b2):
+    return F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2)
+
+
+class _Floor(torch.autograd.Function):
+    """The work no implementation of the ∞-MoE FFN can skip beyond a dense FFN of width d_ff, and
+    no more: forward, the K score products m_k = W_z z_k and each row's threshold; backward, the 2K
+    products that carry dL/dm_k into dz_k and dW_z. No mask is built, so the PyTorch path's
+    distance from dense + this is what its mask bookkeeping costs. The products alone are
+    K d_z / 2d of the dense FFN's arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, W_z, z, n_keep):
+        for k in range(len(z)):
+            m = z[k] @ W_z.t()
+            torch.ops.infmoe.row_threshold(m, n_keep)
+        ctx.save_for_backward(W_z, z, m)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        W_z, z, dm = ctx.saved_tensors  # any (N, d_ff) matrix will do as dL/dm_k
+        dz, dW_z = torch.empty_like(z), torch.zeros_like(W_z)
+        for k in range(len(z)):
+            torch.mm(dm, W_z, out=dz[k])
+            dW_z.addmm_(dm.t(), z[k])
+        return dx, dW_z, dz, None
+
+
+def floor_ffn(dense, x, W1, b1, W2, b2, W_z, z, top_frac):
+    return dense(_Floor.apply(x, W_z, z, keep_count(top_frac, W_z.shape[0])), W1, b1, W2, b2)
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory in the process, as PyTorch's CUDA caching allocator does.
+
+    By default glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so
+    each new (N, d_ff) tensor of the benchmark's shape (48 MB) page-faults in again: a cost of the
+    allocator, not of the ops, and one a GPU never pays; without it the CPU ratios show what the
+    math costs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # malloc.h: no mmap'd blocks; return no heap top under 2 GB
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def _first(r):
+    return r[0] if isinstance(r, tuple) else r
+
+
+def _clear_grads(args):
+    for t in args:
+        if torch.is_tensor(t):
+            t.grad = None
+
+
+def saved_mib(fn, args, dy):
+    """Activation memory: what autograd keeps for backward beyond the inputs and parameters, MiB."""
+    inputs = {t.data_ptr() for t in args if torch.is_tensor(t)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _first(fn(*args))
+    y.backward(dy)
+    kept = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
+    _clear_grads(args)
+    return sum(kept.values()) / 2**20
+
+
+def peak_mib(fn, args, dy):
+    """CUDA: peak memory allocated during one forward+backward beyond what existed before, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _first(fn(*args)).backward(dy)
+    torch.cuda.synchronize()
+    _clear_grads(args)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def times(cases, dy, reps):
+    """{name: (forward ms, forward+backward ms)} for cases {name: (fn, args)}.
+
+    CUDA: triton's do_bench medians. CPU: the best of `reps` rounds, every case run once per round,
+    so that a change in the load of a shared machine hits all cases alike and the ratios hold.
+    """
+    def step(fn, args, backward):
+        if not backward:
+            with torch.no_grad():
+                return fn(*args)
+        _first(fn(*args)).backward(dy)
+        _clear_grads(args)
+
+    if dy.is_cuda:
+        from triton.testing import do_bench
+        bench = lambda fn, args, b: do_bench(lambda: step(fn, args, b), rep=reps,
+                                             return_mode="median")
+        return {name: (bench(fn, a, False), bench(fn, a, True)) for name, (fn, a) in cases.items()}
+    best = {name: [float("inf")] * 2 for name in cases}
+    for _ in range(reps):
+        for name, (fn, args) in cases.items():
+            for b in (False, True):
+                t0 = time.perf_counter()
+                step(fn, args, b)
+                best[name][b] = min(best[name][b], (time.perf_counter() - t0) * 1e3)
+    return {name: tuple(t) for name, t in best.items()}
+
+
+def accuracy(x, ffn, W_z, dy, N, d_z, leaf):
+    """CUDA, K=2, r=25%: the kernel and the bf16 PyTorch path, each against the fp32 one."""
+    z = leaf(2, N, d_z, std=1.0, dt=torch.float32)
+    dt = x.dtype
+    res = {}
+    for name, fn, dtype in (("kernel", kernel.triton_inf_ffn, dt),
+                            ("PyTorch path", kernel.fast_inf_ffn, dt),
+                            ("fp32", kernel.fast_inf_ffn, torch.float32)):
+        ins = [t.detach().to(dtype if t.dtype == dt else t.dtype).requires_grad_()
+               for t in (x, *ffn, W_z, z)]
+        y = fn(*ins, 0.25)[0]
+        y.backward(dy.to(dtype))
+        res[name] = [y.detach()] + [t.grad for t in ins]
+    names = ["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    print(f"{'relative error (K=2, r=25%)':<31s}" + " ".join(f"{n:>8s}" for n in names))
+    for a, b in (("kernel", "PyTorch path"), ("kernel", "fp32"), ("PyTorch path", "fp32")):
+        errors = " ".join(f"{rel(u, v):8.1e}" for u, v in zip(res[a], res[b]))
+        print(f"{a + ' vs ' + b:<31s}" + errors)
+
+
+def benchmark(args):
+    cuda = torch.cuda.is_available()
+    device, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    rates = [25] if args.quick else [int(r) for r in args.rates.split(",")]
+    ks = [2] if args.quick else [int(k) for k in args.ks.split(",")]
+    reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
+    N, d, d_ff, d_z = args.tokens or (16384 if cuda else 2048), args.d, args.d_ff, args.d_z
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(*shape, std=0.02, dt=dt):
+        return (torch.randn(*shape, device=device, generator=gen) * std).to(dt).requires_grad_()
+
+    x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device=device, generator=gen).to(dt)
+    ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
+    W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
+    kept = not cuda and not args.system_malloc and sys.platform == "linux" and keep_freed_memory()
+    machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads, "
+               f"{'freed memory kept (as on CUDA)' if kept else 'system malloc'} "
+               "(on a shared machine absolute times are noisy: compare the ratios)")
+    print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
+
+    dense = dense_ffn
+    paths = {"PyTorch": kernel.fast_inf_ffn}
+    if args.compile:  # the first call of each compiles (minutes on a CPU); timing starts after
+        dense = torch.compile(dense_ffn, dynamic=False)
+        paths = {"PyTorch, compiled": torch.compile(kernel.fast_inf_ffn, dynamic=False)}
+    if cuda:
+        paths["Triton"] = kernel.triton_inf_ffn
+        accuracy(x, ffn, W_z, dy, N, d_z, leaf)
+
+    dense_4d = (x, leaf(4 * d, d), leaf(4 * d), leaf(d, 4 * d), leaf(d))
+    cases = {("dense", d_ff, 0): (dense, (x, *ffn)), ("dense", 4 * d, 0): (dense, dense_4d)}
+    for K in ks:
+        z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
+        for r in rates:
+            for path, fn in paths.items():
+                cases[path, K, r] = (fn, (x, *ffn, W_z, z, r / 100))
+        cases["floor", K, 25] = (partial(floor_ffn, dense), (x, *ffn, W_z, z, 0.25))
+    t = times(cases, dy, reps)
+    measured = {name: case for name, case in cases.items() if name[0] != "floor"}
+    mem = {name: saved_mib(fn, a, dy) for name, (fn, a) in measured.items()}
+    peak = {name: peak_mib(fn, a, dy) for name, (fn, a) in measured.items()} if cuda else None
+    report(t, mem, peak, paths, args.compile, d_ff, d)
+    plot(t, paths, ks, rates, N, d, d_ff, args.plot)
+
+
+def report(t, mem, peak, paths, compiled, d_ff, d):
+    base, base4, base_mem = t["dense", d_ff, 0], t["dense", 4 * d, 0], mem["dense", d_ff, 0]
+    print("\n| FFN | K | r | fwd ms | fwd+bwd ms | fwd / dense d_ff | fwd+bwd / dense d_ff "
+          "| fwd+bwd / dense 4d | saved for backward MiB | / dense d_ff |"
+          + (" peak MiB |" if peak else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else ""))
+    for (path, K, r), (f, fb) in t.items():
+        floor = path == "floor"
+        if path == "dense":
+            label = f"dense{', compiled' * compiled}, width {K} | | "
+        elif floor:
+            label = f"floor: dense d_ff + W_z products + thresholds | {K} | {r}%"
+        else:
+            label = f"∞-MoE, {path} | {K} | {r}%"
+        saved = "| " if floor else f"{mem[path, K, r]:.0f} | {mem[path, K, r] / base_mem:.2f}"
+        peaks = ("|" if floor else f"{peak[path, K, r]:.0f} |") if peak else ""
+        print(f"| {label} | {f:.0f} | {fb:.0f} | {f / base[0]:.2f} | {fb / base[1]:.2f} "
+              f"| {fb / base4[1]:.2f} | {saved} |" + (f" {peaks}" if peak else ""))
+    pt = next(iter(paths))  # the PyTorch path, eager or compiled
+    if (pt, 2, 25) in t:
+        ref, floor = t[pt, 2, 25], t["floor", 2, 25]
+        print(f"\nK=2, r=25%: {pt} path fwd+bwd {ref[1] / base[1]:.2f}x the dense width-d_ff FFN "
+              f"(target <= 1.3), {ref[1] / floor[1]:.2f}x the floor (dense + W_z products + "
+              f"thresholds: {floor[1] / base[1]:.2f}x); activation memory "
+              f"{mem[pt, 2, 25] / base_mem:.2f}x (target <= 1.5)")
+        if peak:
+            ker = t["Triton", 2, 25]
+            print(f"Triton kernel: fwd+bwd {ref[1] / ker[1]:.2f}x faster than the PyTorch path "
+                  f"(target >= 2), {ker[1] / base[1]:.2f}x the dense width-d_ff FFN (target <= "
+                  f"1.3), peak memory {peak['Triton', 2, 25] / peak[pt, 2, 25]:.2f} of the "
+                  f"PyTorch path's (target <= 0.33)")
+
+
+def plot(t, paths, ks, rates, N, d, d_ff, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, j, title in zip(axes, (0, 1), ("forward", "forward + backward")):
+        for i, K in enumerate(ks):
+            for name, style in zip(paths, ("--o", "-s")):
+                ax.plot(rates, [t[name, K, r][j] for r in rates], style, color=f"C{i}",
+                        label=f"{name} K={K}")
+        for width, ls in ((d_ff, ":"), (4 * d, "-.")):
+            ax.axhline(t["dense", width, 0][j], color="gray", ls=ls,
+                       label=f"dense FFN width {width}")
+        ax.set(xlabel="activation rate r (%)", ylabel="latency (ms)",
+               title=f"{title}, {N} tokens, d={d}, d_ff={d_ff}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+# ----------------------------------------------------------------------------- GPU compile check
+# Per-block shared memory (opt-in maximum) of each target, in bytes, and GPUs that have it.
+ARCHS = {80: (163 * 1024, "A100"), 86: (99 * 1024, "RTX 3090, A6000"),
+         89: (99 * 1024, "RTX 4090, L40S"), 90: (227 * 1024, "H100")}
+_SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def launches(dtype, d, d_ff, d_z, K):
+    """Every (kernel, constexprs, num_warps, num_stages, autotuned) triton_inf_ffn can launch at
+    this shape.
+
+    Types follow the real launch: activations and weights in `dtype`, router tensors fp32, keep
+    bits uint8, statistics int32; sizes divisible by 16 (as at training shapes) carry that hint.
+    """
+    import triton
+    a = _SHORT[dtype]
+    prec = kernel._precision(dtype)
+    up = dict(x_ptr=a, w1_ptr=a, b1_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", pre_ptr=a,
+              a_ptr=a, counts_ptr="i32", nact_ptr="i32")
+    down = dict(dy_ptr=a, w2_ptr=a, pre_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8",
+                dpre_ptr=a, dm_ptr=a)
+    dz = dict(dm_ptr=a, bits_ptr="u8", wz_ptr="fp32", dz_ptr="fp32")
+    dwz = dict(dm_ptr=a, bits_ptr="u8", z_ptr="fp32", dwz_ptr="fp32")
+    gemm_ints = ["N", "D", "F", "DZ", "K", "NB", "N_BUCKET"]
+    router_ints = ["N", "F", "DZ", "K", "NB", "N_BUCKET"]
+    block_z = max(16, triton.next_power_of_2(d_z))
+    rows, block_f = kernel._select_meta(d_ff)
+    yield kernel._select_kernel, dict(s_ptr="fp32", bits_ptr="u8"), \
+        ["n_rows", "F", "NB", "n_keep"], dict(ROWS=rows, BLOCK_F=block_f), [(8, 3)], False
+    gemm = dict(PREC=prec, ZPREC=prec)
+    router = dict(ZPREC=prec, BLOCK_Z=block_z)
+    for kern, table, ptrs, ints, const in (
+            (kernel._up_kernel, kernel.GEMM_CANDIDATES, up, gemm_ints, dict(HAS_B1=True, **gemm)),
+            (kernel._down_bwd_kernel, kernel.GEMM_CANDIDATES, down, gemm_ints, gemm),
+            (kernel._dz_kernel, kernel.DZ_CANDIDATES, dz, router_ints, router),
+            (kernel._dwz_kernel, kernel.DWZ_CANDIDATES, dwz, router_ints, router)):
+        # this dtype's candidates
+        for cfg in kernel._launchable(table, kern.configs, dtype, float("inf"), block_z, 90):
+            yield (kern.fn, ptrs, ints, {**const, **cfg.kwargs},
+                   [(cfg.num_warps, cfg.num_stages)], True)
+
+
+def compile_one(fn, ptrs, ints, const, num_warps, num_stages, cap):
+    """AOT-compile one kernel for sm_<cap>: (registers, spill bytes, shared bytes), or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {**{k: "*" + v for k, v in ptrs.items()}, **{k: "i32" for k in ints},
+           **{k: "constexpr" for k in const}}
+    hinted = list(ptrs) + [k for k in ints if k not in ("K", "n_keep")]  # K = 2: not 16-divisible
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+    log = io.StringIO()
+    # ptxas prints registers and spills (-v) to stdout; a cached binary would skip ptxas, so compile
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
+        triton.knobs.nvidia.dump_ptxas_log = triton.knobs.compilation.always_compile = True
+        try:
+            with contextlib.redirect_stdout(log):
+                c = triton.compile(ASTSource(fn, sig, const, attrs),
+                                   target=GPUTarget("cuda", cap, 32),
+                                   options=dict(num_warps=num_warps, num_stages=num_stages))
+        except Exception as e:  # a compiler error is a row of the table, not the end of the check
+            return str(e).strip().splitlines()[0][:80]
+    text = log.getvalue()
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spill, c.metadata.shared
+
+
+def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32),
+                  shapes=(768, 1024), quick=False):
+    """Compile every kernel x arch x dtype x config for real GPUs (no GPU needed); print the table.
+
+    quick: one configuration per kernel, the kernels spread over the archs (every kernel and every
+    arch at least once: the test suite's subset). Returns the number of problems (0 = clean).
+    """
+    jobs, seen = [], {}
+    for d in shapes:
+        for dtype in dtypes:
+            for fn, ptrs, ints, const, wst, tuned in launches(dtype, d, 8 * d, 128, 2):
+                for cap in archs:
+                    jobs.append((fn, ptrs, ints, const, wst[0], tuned, cap, dtype, d))
+    if quick:
+        by_kernel = {}
+        for j in jobs:
+            by_kernel.setdefault(j[0].__name__, []).append(j)
+        jobs = [next(j for j in js if j[6] == archs[i % len(archs)] and j[7] == dtypes[-1])
+                for i, js in enumerate(by_kernel.values())]
+    print(f"{'kernel':<17s} {'arch':<5s} {'dtype':<5s} {'d':>5s}  {'config':<42s} {'regs':>4s} "
+          f"{'spill':>6s} {'shared':>8s} {'limit':>7s}  verdict")
+    n = fail = spill = over = pruned = 0
+    for fn, ptrs, ints, const, (w, s), tuned, cap, dtype, d in jobs:
+        key = (fn.__name__, tuple(sorted(ptrs.items())), tuple(sorted(const.items())), w, s, cap)
+        if key not in seen:  # d = 768 and 1024 often compile to the same binary
+            seen[key] = compile_one(fn, ptrs, ints, const, w, s, cap)
+        res, limit = seen[key], ARCHS[cap][0]
+        cfg = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "ZPREC", "HAS_B1"))
+        cfg += f" w={w} s={s}"
+        name, dt = fn.__name__.strip("_").replace("_kernel", ""), _SHORT[dtype]
+        if isinstance(res, str):
+            fail += 1
+            print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} FAILED: {res}")
+            continue
+        n += 1
+        regs, spilled, shared = res
+        # the autotuner's pre-filter decides with _shared_bytes; the compiler's figure must agree
+        budget = kernel._shared_bytes(const, s, dtype, cap) if tuned else limit
+        verdict = "ok"
+        if budget > limit:
+            verdict, pruned = "pruned on this arch", pruned + 1
+        elif shared > budget:  # over the arch's limit, or over what the autotune pre-filter assumed
+            verdict = "OVER SHARED MEMORY" if shared > limit else "OVER ITS ESTIMATE"
+            over += 1
+        elif spilled:
+            verdict, spill = "SPILLS", spill + 1
+        print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} {regs:4d} {spilled:6d} "
+              f"{shared / 1024:6.1f}KB {limit // 1024:5d}KB  {verdict}")
+    print(f"({pruned} autotune configs need more shared memory than their arch has: pruned before "
+          f"launch there, not counted below)")
+    print(f"compile-check: {n} compiled, {fail} failed, {spill} spilling, {over} over shared "
+          f"memory")
+    return fail + spill + over
+
+
+# ----------------------------------------------------------------------------- command line
+
+def compile_check_main(argv):
+    """`python bench.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768]`"""
+    p = argparse.ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without "
+                                "a GPU; exit 0 when nothing the code can launch fails, spills or "
+                                "exceeds shared memory.")
+    p.add_argument("--compile-check", action="store_true", required=True)
+    p.add_argument("--quick", action="store_true",
+                   help="one config per kernel, kernels spread over the archs")
+    p.add_argument("--archs", default="80,86,89,90")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--d", default="768,1024", help="model widths; d_ff = 8d, d_z = 128, K = 2")
+    args = p.parse_args(argv)
+    if kernel.INTERPRET:
+        raise SystemExit("bench.py --compile-check: unset TRITON_INTERPRET (the interpreter "
+                         "compiles nothing)")
+    archs = [int(a) for a in args.archs.split(",")]
+    if not set(archs) <= set(ARCHS):
+        raise SystemExit(f"bench.py --archs={args.archs}: expected some of "
+                         f"{','.join(map(str, ARCHS))}")
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if not set(args.dtypes.split(",")) <= set(names):
+        raise SystemExit(f"bench.py --dtypes={args.dtypes}: expected bf16 and/or fp32")
+    import triton
+    print(f"Triton {triton.__version__}, torch {torch.__version__}; d_ff = 8d, d_z = 128, K = 2")
+    return compile_check(archs, [names[t] for t in args.dtypes.split(",")],
+                         [int(d) for d in args.d.split(",")], args.quick)
+
+
+def main():
+    if "--compile-check" in sys.argv[1:]:
+        raise SystemExit(1 if compile_check_main(sys.argv[1:]) else 0)
+    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against "
+                                "dense FFNs of width d_ff and 4d: the PyTorch path "
+                                "(kernel.fast_inf_ffn) on any device, the Triton kernel too on "
+                                "CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")
+    p.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 2048 on CPU")
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--d_ff", type=int, default=6144)
+    p.add_argument("--d_z", type=int, default=128)
+    p.add_argument("--rates", default="5,10,25,50,100", help="activation rates in percent")
+    p.add_argument("--ks", default="1,2,4", help="numbers of samples K")
+    p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
+    p.add_argument("--reps", type=int, default=None,
+                   help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
+    p.add_argument("--plot", default="kernel_bench.png",
+                   help="PNG written when matplotlib is installed")
+    p.add_argument("--compile", action="store_true", help="time the dense FFNs and the PyTorch "
+                   "path under torch.compile (inductor fuses the element-wise passes; the kernel "
+                   "rows stay eager)")
+    p.add_argument("--system_malloc", action="store_true", help="CPU: leave glibc's allocator as "
+                   "it is (by default freed memory is kept in the process, as on CUDA: see "
+                   "keep_freed_memory)")
+    args = p.parse_args()
+    if kernel.INTERPRET:
+        print("bench.py: unset TRITON_INTERPRET (the interpreter is for tests, not for timing).")
+        return
+    benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""
+What every script needs around the model, so that train.py, sample.py and compare.py read as what
+they do: command-line options and --help, the device and its autocast, processes under torchrun,
+the checkpoint format (checksummed), the out_dir lock, RNG state and the log.
+
+A bad option, value or file is a UsageError: the scripts print it as one line, `error: ...`, and
+exit with status 2.
+"""
+import ast
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import textwrap
+import tokenize
+from collections import namedtuple
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from model import in_range, range_words
+
+
+class UsageError(ValueError):
+    """A bad option, value or file: the scripts print it as one line and exit 2."""
+
+
+# ----------------------------------------------------------------------------- options
+
+def parse_value(key, text, default):
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UsageError(f"--{key}={text}: expected true or false")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"--{key}={text}: expected {kind.__name__}") from None
+
+
+def read_flags(argv, *classes):
+    """--key=value strings -> {key: value, typed like the field of the first dataclass that has it}.
+
+    A bare --flag means --flag=true for a boolean and is an error for anything else.
+    """
+    fields = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, f.default)
+    flags = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}: options look like --key=value "
+                             f"(see --help)")
+        key, eq, text = arg[2:].partition("=")
+        if key not in fields:
+            raise UsageError(f"unknown option --{key} (known: {', '.join(sorted(fields))})")
+        if not eq and type(fields[key]) is not bool:
+            raise UsageError(f"--{key} needs a value: --{key}=...")
+        flags[key] = parse_value(key, text if eq else "true", fields[key])
+    return flags
+
+
+def parse_args(argv, *configs):
+    """Apply --key=value overrides to the first dataclass instance in configs that has the field.
+    Returns {key: value} of what was given."""
+    flags = read_flags(argv, *(type(c) for c in configs))
+    for key, value in flags.items():
+        setattr(next(c for c in configs if hasattr(c, key)), key, value)
+    return flags
+
+
+def check_ranges(values, ranges):
+    """Each value whose key has a range (a dict like model.RANGES) inside it, or a UsageError."""
+    for key, value in values.items():
+        if key in ranges and not in_range(value, ranges[key]):
+            raise UsageError(f"--{key}={value}: must be {range_words(ranges[key])}")
+
+
+def field_help(cls):
+    """{field: the comment on its line} of a dataclass, read from its source: --help's only text."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens
+                if t.type == tokenize.COMMENT}
+    return {node.target.id: comments.get(node.lineno, "")
+            for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)}
+
+
+def usage(doc, *configs):
+    """--help: the script's docstring, then every option with its default and meaning. A config
+    built with other values than its class's defaults (the default run's TINY_MODEL) shows both."""
+    def shown(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        printable = not isinstance(value, str) or (value and value.isprintable())
+        return value if printable else repr(value)
+
+    lines = [doc.strip(), "",
+             "Options, --key=value (a bare --flag means --flag=true), default shown:"]
+    for config in configs:
+        cls, notes = type(config), field_help(type(config))
+        lines.append(f"  {cls.__name__}:")
+        for f in dataclasses.fields(config):
+            value, note = getattr(config, f.name), notes[f.name]
+            if value != f.default:
+                note += f" [{cls.__name__} and --preset: {shown(f.default)}]"
+            lines.append(f"    {'--' + f.name + '=' + str(shown(value)):<32} {note}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- device and processes
+
+def pick_device(name):
+    """torch.device for --device ("" picks cuda when available, else cpu); refused if absent."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device={name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={name}: no CUDA device here (torch {torch.__version__}); "
+                         f"use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_dtype(dtype):
+    if dtype == "float16":
+        raise UsageError("--dtype=float16: not supported (it would need a loss scaler); use "
+                         "bfloat16 or float32")
+    if dtype not in ("", "bfloat16", "float32"):
+        raise UsageError(f"--dtype={dtype}: expected bfloat16 or float32")
+
+
+def autocast(device, dtype):
+    """(dtype name, context to run the model in) for --dtype on device: "" picks bfloat16 on CUDA
+    and float32 elsewhere; bfloat16 is autocast, float32 plain."""
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    on = dtype == "bfloat16"
+    return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
+Process = namedtuple("Process", "ddp rank local_rank world master device dtype ctx")
+
+
+def start_process(device, dtype):
+    """This process's place in the run: under torchrun (RANK set) it joins the process group and
+    takes its local GPU. CUDA matmuls outside the ∞-MoE selection may use TF32."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        nccl = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group(backend="nccl" if nccl else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, local_rank, world = 0, 0, 1
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if ddp else (dev.index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Process(ddp, rank, local_rank, world, rank == 0, dev, *autocast(dev, dtype))
+
+
+def reduce_mean(t, ddp):
+    if ddp:
+        t = t.clone()
+        dist.all_reduce(t)  # SUM: gloo has no AVG
+        t /= dist.get_world_size()
+    return t
+
+
+def leave_process_group():
+    """All ranks tear the group down together: a rank that left while another was still in gloo
+    was seen to SIGABRT it."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint is a one-line header, then torch.save's bytes; the header holds their SHA-256 and
+# length, so a damaged, truncated or empty file is an error naming it, never a silent load.
+CKPT_HEADER = re.compile(rb"inf-moe checkpoint sha256=([0-9a-f]{64}) bytes=([0-9]{20})\n")
+CKPT_HEADER_BYTES = len(b"inf-moe checkpoint sha256= bytes=\n") + 64 + 20
+
+
+class HashingWriter:
+    """A file-like write() target for torch.save that hashes and counts the bytes on their way."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_checkpoint(path, ckpt):
+    """Write ckpt under this process's own temp name, then rename: a crash (or another run) never
+    leaves a half-written file at path, and the previous checkpoint stays intact until the new one
+    is whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(bytes(CKPT_HEADER_BYTES))  # a placeholder until torch.save is done
+        writer = HashingWriter(f)
+        torch.save(ckpt, writer)
+        f.seek(0)
+        f.write(b"inf-moe checkpoint sha256=%s bytes=%020d\n"
+                % (writer.sha.hexdigest().encode(), writer.size))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Body(io.RawIOBase):
+    """The file f from byte `start` on, as a file of its own: what torch.load reads, uncopied."""
+
+    def __init__(self, f, start):
+        self.f, self.start = f, start
+        f.seek(start)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.f.readinto(buffer)
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        return self.f.seek(pos + self.start if whence == io.SEEK_SET else pos, whence) - self.start
+
+    def tell(self):
+        return self.f.tell() - self.start
+
+
+def load_checkpoint(path):
+    """The dict save_checkpoint wrote, on the CPU, once its SHA-256 matches; a UsageError naming
+    path if not. The file is hashed in chunks and then read once by torch.load: memory holds the
+    tensors, not the file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = CKPT_HEADER.fullmatch(f.read(CKPT_HEADER_BYTES))
+        if head is None:
+            raise UsageError(f"{path} ({size} bytes) is not a checkpoint of this train.py: empty, "
+                             f"damaged, or written by an older version")
+        if size - CKPT_HEADER_BYTES != int(head[2]):
+            raise UsageError(f"{path} is truncated or damaged: {size - CKPT_HEADER_BYTES} bytes "
+                             f"after its header, which says {int(head[2])}")
+        sha = hashlib.sha256()
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+        if sha.hexdigest() != head[1].decode():
+            raise UsageError(f"{path} is damaged: its contents do not match the checksum written "
+                             f"with them")
+        return torch.load(Body(f, CKPT_HEADER_BYTES), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- out_dir
+
+def lock_out_dir(out_dir):
+    """An exclusive flock on out_dir/.lock, held while the returned file is open: a second run into
+    the same out_dir is refused, and the kernel drops the lock when a run ends, even by SIGKILL."""
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"--out_dir={out_dir} is in use by another run (pid {holder}): wait for "
+                         f"it to end, or choose another --out_dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def prepare_out_dir(cfg, ckpt):
+    """Create and lock out_dir for a training run, and make its files this run's (rank 0 only).
+
+    A scratch run never replaces a checkpoint it did not write, unless --overwrite. A resumed run
+    drops log.jsonl's records after the checkpoint's step: they belong to steps it is about to redo.
+    """
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = lock_out_dir(cfg.out_dir)
+    except OSError as e:
+        raise UsageError(f"--out_dir={cfg.out_dir}: {e.strerror}") from None
+    try:
+        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
+            raise UsageError(f"{ckpt_path} already exists: continue that run with "
+                             f"--init_from=resume, or start over with --overwrite (deletes it, "
+                             f"log.jsonl and eval.jsonl)")
+        stale = glob.glob(ckpt_path + ".*tmp") + glob.glob(log_path + ".*.tmp")
+        for tmp in stale:
+            os.remove(tmp)  # left by a killed run: no live run writes here, we hold the lock
+        if ckpt is None:  # a new run: none of the old one's files stay to be mistaken for its own
+            for path in (ckpt_path, log_path, os.path.join(cfg.out_dir, "eval.jsonl")):
+                if os.path.exists(path):
+                    os.remove(path)
+        elif os.path.exists(log_path):
+            keep = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= ckpt["iter_num"]:
+                            keep.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by a kill
+            with open(log_path + f".{os.getpid()}.tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + f".{os.getpid()}.tmp", log_path)
+        return lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+# ----------------------------------------------------------------------------- RNG state, log
+
+def rng_states(device, ddp):
+    """Every rank's RNG state (ranks draw different ∞-MoE noise), gathered for the checkpoint."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    if not ddp:
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """Prints a line and appends a JSON record to a file in out_dir (rank 0 only); optional W&B."""
+
+    def __init__(self, cfg, master, run_config, name="log.jsonl"):
+        self.master, self.path, self.wandb = master, os.path.join(cfg.out_dir, name), None
+        if master:  # --eval_only of GPT-2 or another run's weights may name a new out_dir
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        if master and cfg.wandb_log:
+            import wandb  # optional dependency; train.py's configure checked it is installed
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                    config=run_config)
+
+    def log(self, record, line):
+        if not self.master:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
