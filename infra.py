@@ -344,6 +344,8 @@ def prepare_out_dir(cfg, ckpt):
 
 
 # ----------------------------------------------------------------------------- RNG state, log
+SEED_RANGE = ">= 0"  # --seed of train.py and sample.py
+
 
 def rng_states(device, ddp):
     """Every rank's RNG state (ranks draw different ∞-MoE noise), gathered for the checkpoint."""

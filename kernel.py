@@ -30,7 +30,7 @@ The Triton pipeline (N tokens, width d, hidden F = d_ff, K samples):
     4. `_down_bwd_kernel`: g = dy W2 with the epilogue rebuilding h and M: dpre = g * M * GELU'(pre)
                and dM = g * h. Then dx, dW1, dW2 and the biases are plain GEMMs/sums (cuBLAS).
     5. `_dz_kernel`, `_dwz_kernel`: dz_k = dm_k W_z and dW_z = sum_k dm_k^T z_k, where dm_k = dM/K
-               on the entries sample k kept (0 elsewhere) is formed tile by tile from dM and the bits.
+               on the entries sample k kept (0 elsewhere) is formed tile by tile from dM, bits.
 
 Why it is exact. A keep decision is taken once, in the select kernel, by comparing scores with a
 threshold found in those very scores; later kernels read the decision from the bits and only

@@ -14,9 +14,11 @@ written; a rerun finishes an interrupted run and does nothing after a complete o
 
 The bundled data/sample/ was built with exactly this command:
 
-    python prepare_fineweb.py --input ../shared/data/public_domain_texts.jsonl --out_dir data/sample --prefix sample --shard_size 250000
+    python prepare_fineweb.py --input ../shared/data/public_domain_texts.jsonl \
+        --out_dir data/sample --prefix sample --shard_size 250000
 
-(that file, 46 public-domain texts in 6.2 MB, is not shipped; data/fixture_texts.jsonl has 4 of them).
+(that file, 46 public-domain texts in 6.2 MB, is not shipped; data/fixture_texts.jsonl has 4 of
+them).
 
 Shard format (llm.c's): 256 int32 header ([0]=20240520 magic, [1]=1 version,
 [2]=number of tokens), then uint16 tokens. train.py uses check_dataset(), shard_paths() and
@@ -39,10 +41,11 @@ EOT = 50256  # <|endoftext|>, precedes every document
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files, so no network is needed
+TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files: no network needed
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-MANIFEST = "manifest.json"  # written by prepare(): which shards make the dataset, and whether it is complete
-CHUNK_CHARS = 1 << 18  # ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
+MANIFEST = "manifest.json"  # by prepare(): the shards that make the dataset; is it complete
+# ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
+CHUNK_CHARS = 1 << 18
 
 class DataError(Exception):
     """A user error (bad input, nothing to do): reported as one line, no traceback."""
@@ -76,10 +79,10 @@ def tokenize_docs(docs):
 
 def write_shard(path, tokens):
     tokens = np.asarray(tokens)
-    assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16), "token ids must fit in uint16"
+    assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16), "ids must fit uint16"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
-    # write under a temporary name, then rename: a crash never leaves a half shard under the real name
+    # write under a temporary name, then rename: a crash never leaves half a shard under its name
     with open(path + ".tmp", "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16).tobytes())
@@ -89,10 +92,12 @@ def load_shard(path):
     """The tokens of one shard as a read-only uint16 memmap; ValueError on any damage."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes, too short for the {HEADER_BYTES}-byte shard header")
+        raise ValueError(f"{path}: {size} bytes, too short for the {HEADER_BYTES}-byte shard "
+                         f"header")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise ValueError(f"{path}: wrong magic number {header[0]} (expected {MAGIC}), not an llm.c shard")
+        raise ValueError(f"{path}: wrong magic number {header[0]} (expected {MAGIC}), not an "
+                         f"llm.c shard")
     if header[1] != VERSION:
         raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
     ntok = int(header[2])
@@ -105,8 +110,9 @@ def shard_paths(data_dir, split):
     assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; create them with "
-                                f"`python prepare_fineweb.py --input your.jsonl --out_dir {data_dir}` "
+        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; create them "
+                                f"with `python prepare_fineweb.py --input your.jsonl --out_dir "
+                                f"{data_dir}` "
                                 f"(or plain `python prepare_fineweb.py` for FineWeb)")
     return paths
 
@@ -118,11 +124,12 @@ def read_manifest(data_dir):
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        if not (isinstance(manifest.get("complete"), bool) and isinstance(manifest.get("shards"), list)
+        if not (isinstance(manifest.get("complete"), bool)
+                and isinstance(manifest.get("shards"), list)
                 and all(isinstance(s.get("name"), str) and isinstance(s.get("tokens"), int)
                         for s in manifest["shards"])):
             raise ValueError("expected complete (true/false) and shards [{name, tokens}, ...]")
-    except (OSError, ValueError, AttributeError) as e:  # bad JSON is a ValueError; a non-dict, AttributeError
+    except (OSError, ValueError, AttributeError) as e:  # bad JSON: ValueError; not a dict: Attr...
         raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); "
                         f"rerun prepare_fineweb.py or delete it") from None
     return manifest
@@ -146,8 +153,9 @@ def check_dataset(data_dir, vocab_size):
     if manifest is not None:
         where = os.path.join(data_dir, MANIFEST)
         if not manifest["complete"]:
-            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was interrupted or stopped "
-                            f"at an error); fix the error, if any, and rerun the same command to finish it")
+            raise DataError(f"{where}: the dataset is incomplete (prepare_fineweb.py was "
+                            f"interrupted or stopped at an error); fix the error, if any, and "
+                            f"rerun the same command to finish it")
         listed = {s["name"]: s["tokens"] for s in manifest["shards"]}
         present = {os.path.basename(p) for paths in found.values() for p in paths}
         for name in listed:
@@ -171,7 +179,8 @@ def check_dataset(data_dir, vocab_size):
                 raise DataError(f"{path}: empty shard (0 tokens)")
             top = int(tokens.max())
             if top >= vocab_size:
-                raise DataError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
+                raise DataError(f"{path}: token id {top} is out of range for vocab_size "
+                                f"{vocab_size}")
             out[split].append((path, n))
     return out
 
@@ -184,10 +193,11 @@ def utf8(path, data, line=None):
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = line or data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
+                        ) from None
 
 def json_records(path):
-    """(where, object) for each object of a .jsonl file, or of a .json list (or jsonl named .json)."""
+    """(where, object) for each object of a .jsonl file, or of a .json list (or jsonl as .json)."""
     with open(path, "rb") as f:
         lines = f  # .jsonl: streamed line by line, so any size fits in memory
         if path.lower().endswith(".json"):
@@ -203,7 +213,8 @@ def json_records(path):
                                     f"column {e.colno})") from None
                 lines = text.encode().splitlines()
             else:
-                yield from ((f"record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data]))
+                records = data if isinstance(data, list) else [data]
+                yield from ((f"record {i}", r) for i, r in enumerate(records))
                 return
         for lineno, line in enumerate(lines, 1):
             line = utf8(path, line, lineno)
@@ -230,14 +241,17 @@ def read_file_docs(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)"
+                            ) from None
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+            raise DataError(f"{path}: no 'text' column (columns: "
+                            f"{', '.join(pf.schema_arrow.names)})")
         for batch in pf.iter_batches(columns=["text"]):
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
     else:
-        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json, .parquet or .txt)")
+        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json, .parquet or "
+                        f".txt)")
 
 def local_source(paths):
     """What a manifest records of local inputs: a rerun with any file changed is another dataset."""
@@ -264,18 +278,19 @@ def hf_docs(dataset, subset):
     try:
         from datasets import load_dataset  # heavy and optional: only the FineWeb path needs it
     except ImportError:
-        raise DataError("FineWeb needs the Hugging Face datasets package: pip install datasets") from None
+        raise DataError("FineWeb needs the Hugging Face datasets package: pip install "
+                        "datasets") from None
     return hf_rows(load_dataset, DATASETS[dataset], subset)
 
 def hf_rows(load_dataset, repo, subset):
     try:
         for row in load_dataset(repo, name=subset, split="train", streaming=True):
             yield row["text"]
-    except OSError as e:  # ConnectionError, timeouts, HTTP errors (requests' and huggingface_hub's too)
+    except OSError as e:  # ConnectionError, timeouts, HTTP errors (requests', huggingface_hub's)
         raise DataError(f"cannot stream {repo} ({subset}) from Hugging Face: {type(e).__name__}: "
-                        f"{' '.join(str(e).split())}. Without a network, download its .parquet files "
-                        f"(https://huggingface.co/datasets/{repo}) elsewhere and pass them with "
-                        f"--input") from None
+                        f"{' '.join(str(e).split())}. Without a network, download its .parquet "
+                        f"files (https://huggingface.co/datasets/{repo}) elsewhere and pass "
+                        f"them with --input") from None
 
 def chunks(docs):
     """Group documents into worker tasks of about CHUNK_CHARS characters, in order."""
@@ -303,7 +318,7 @@ def tokenized(pool, docs, window):
         yield pending.popleft().get()
 
 def write_manifest(out_dir, settings, shards, complete):
-    """manifest.json: what the dataset is made from, its finished shards, and whether that is all."""
+    """manifest.json: what the dataset is made from, its finished shards, and whether that's all."""
     path = os.path.join(out_dir, MANIFEST)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"complete": complete, "settings": settings, "shards": shards}, f, indent=1)
@@ -311,7 +326,7 @@ def write_manifest(out_dir, settings, shards, complete):
     os.replace(path + ".tmp", path)
 
 def intact(out_dir, shards):
-    """The leading manifest entries whose shard files are still whole (header, size, token count)."""
+    """The leading manifest entries whose shard files are still whole (header, size, tokens)."""
     good = []
     for s in shards:
         try:
@@ -336,8 +351,8 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
     """
     from tqdm import tqdm
     val_tokens = val_tokens or shard_size
-    settings = {"source": source, "prefix": prefix, "shard_size": shard_size, "val_tokens": val_tokens,
-                "tokenizer": "gpt2"}
+    settings = {"source": source, "prefix": prefix, "shard_size": shard_size,
+                "val_tokens": val_tokens, "tokenizer": "gpt2"}
     os.makedirs(out_dir, exist_ok=True)
     where = os.path.join(out_dir, MANIFEST)
     old = read_manifest(out_dir)
@@ -345,8 +360,8 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
     if old is not None and old.get("settings") == settings:
         shards = intact(out_dir, old["shards"])
         if old["complete"] and len(shards) == len(old["shards"]):
-            print(f"{out_dir}: already complete ({where}: {len(shards)} shards from the same inputs "
-                  f"and settings); nothing to do")
+            print(f"{out_dir}: already complete ({where}: {len(shards)} shards from the same "
+                  f"inputs and settings); nothing to do")
             return [os.path.join(out_dir, s["name"]) for s in shards]
     elif old is not None and old["complete"]:
         differ = [k for k in settings if (old.get("settings") or {}).get(k) != settings[k]]
@@ -364,7 +379,7 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
         """Write the next shard, then list it in the manifest with where its last document stands:
         `docs` documents begun so far, `tail` tokens of the last of them written (it may go on)."""
         docs_begun, tail = (shards[-1]["docs"], shards[-1]["tail"]) if shards else (0, 0)
-        starts = np.flatnonzero(tokens == EOT)  # every document, and only a document, begins with EOT
+        starts = np.flatnonzero(tokens == EOT)  # every document, and only one, begins with EOT
         tail = len(tokens) - starts[-1] if len(starts) else tail + len(tokens)
         name = f"{prefix}_{'train' if shards else 'val'}_{len(shards):06d}.bin"
         write_shard(os.path.join(out_dir, name), tokens)
@@ -378,9 +393,9 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
         print(f"resuming: {kept} finished shards kept; their {skip:,} whole documents are skipped "
               f"(read, not tokenised)")
         docs = itertools.islice(docs, skip, None)
-    buf = np.empty(max(val_tokens, shard_size), dtype=np.uint16)  # memory: one shard, whatever the corpus
+    buf = np.empty(max(val_tokens, shard_size), dtype=np.uint16)  # one shard, whatever the corpus
     n = 0
-    get_tokenizer()  # load before the Pool forks, so workers inherit it instead of each parsing the BPE files
+    get_tokenizer()  # loaded before the Pool forks: workers inherit it, none parses the BPE files
     with mp.Pool(workers) as pool, tqdm(unit="tok", unit_scale=True, desc=prefix) as bar:
         for tokens in tokenized(pool, docs, window=4 * workers):
             cut = min(drop, len(tokens))
@@ -413,24 +428,29 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
         flush(buf[:n])
     write_manifest(out_dir, settings, shards, complete=True)
     paths = [os.path.join(out_dir, s["name"]) for s in shards]
-    print(f"{sum(s['tokens'] for s in shards):,} tokens in {len(shards)} shards in {out_dir} ({kept} kept "
-          f"from an earlier run, {len(shards) - kept} written); {where} marks the dataset complete")
-    found = [p for split in ("train", "val") for p in glob.glob(os.path.join(out_dir, f"*_{split}_*.bin"))]
+    print(f"{sum(s['tokens'] for s in shards):,} tokens in {len(shards)} shards in {out_dir} "
+          f"({kept} kept from an earlier run, {len(shards) - kept} written); {where} marks the "
+          f"dataset complete")
+    found = [p for split in ("train", "val")
+             for p in glob.glob(os.path.join(out_dir, f"*_{split}_*.bin"))]
     stale = sorted(set(found) - set(paths))
     if stale:
-        print(f"warning: {len(stale)} shards in {out_dir} are not part of this dataset and train.py "
-              f"refuses the directory while they are there; move them out: {' '.join(stale)}")
+        print(f"warning: {len(stale)} shards in {out_dir} are not part of this dataset and "
+              f"train.py refuses the directory while they are there; move them out: "
+              f"{' '.join(stale)}")
     return paths
 
 # -----------------------------------------------------------------------------
 # HellaSwag (zero-shot evaluation data; scored by train.py --hellaswag)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_PATH = os.path.join(REPO_DIR, "data", "hellaswag", "hellaswag_val.jsonl")  # 10,042 examples
+# the validation split: 10,042 examples
+HELLASWAG_PATH = os.path.join(REPO_DIR, "data", "hellaswag", "hellaswag_val.jsonl")
 HELLASWAG_FETCH = "python prepare_fineweb.py --hellaswag"
 
 def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
-    """The official HellaSwag validation split at path, downloaded first if it is missing; returns path."""
+    """The official HellaSwag validation split at path, downloaded first if it is missing; returns
+    path."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -438,13 +458,15 @@ def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
         with urllib.request.urlopen(url, timeout=timeout) as r, open(path + ".tmp", "wb") as f:
             f.write(r.read())  # ~11 MB
     except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
-        raise DataError(f"cannot download HellaSwag from {url} to {path}: {e}. Run `{HELLASWAG_FETCH}` "
+        raise DataError(f"cannot download HellaSwag from {url} to {path}: {e}. Run "
+                        f"`{HELLASWAG_FETCH}` "
                         f"where the network is reachable, or copy the file to {path}") from None
-    os.replace(path + ".tmp", path)  # an interrupted download never leaves a partial file under the real name
+    os.replace(path + ".tmp", path)  # an interrupted download leaves no partial file at path
     return path
 
 def load_hellaswag(path=HELLASWAG_PATH, limit=None):
-    """HellaSwag examples as dicts {ctx, endings (4 strings), label (0-3)}: all, or the first `limit`.
+    """HellaSwag examples as dicts {ctx, endings (4 strings), label (0-3)}: all, or the first
+    `limit`.
     Never downloads: evaluation runs may have no network, so the file is fetched beforehand."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no HellaSwag data at {path}; fetch it with `{HELLASWAG_FETCH}`")
@@ -461,11 +483,14 @@ def load_hellaswag(path=HELLASWAG_PATH, limit=None):
                 ctx, endings, label = ex["ctx"], ex["endings"], ex["label"]
                 if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
                         and all(isinstance(e, str) for e in endings) and label in (0, 1, 2, 3)):
-                    raise ValueError("expected a string ctx, a list of 4 string endings and a label 0-3")
+                    raise ValueError("expected a string ctx, a list of 4 string endings and a "
+                                     "label 0-3")
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column "
+                                f"{e.colno})") from None
             except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}, line {lineno}: not a HellaSwag example ({type(e).__name__}: {e})") from None
+                raise DataError(f"{path}, line {lineno}: not a HellaSwag example "
+                                f"({type(e).__name__}: {e})") from None
             examples.append({"ctx": ctx, "endings": endings, "label": int(label)})
     if not examples and limit != 0:
         raise DataError(f"{path}: no HellaSwag examples in it (empty file?); fetch it again with "
@@ -473,17 +498,25 @@ def load_hellaswag(path=HELLASWAG_PATH, limit=None):
     return examples
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenise FineWeb or local files into llm.c-format GPT-2 shards.")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="fineweb", help="Hugging Face source")
-    p.add_argument("--subset", default="sample-10BT", help="sample-10BT, sample-100BT, sample-350BT, default, ...")
-    p.add_argument("--input", nargs="+", help="local .jsonl/.json/.parquet/.txt files instead of Hugging Face")
-    p.add_argument("--out_dir", help="default: data/fineweb10B (FineWeb sample-10BT) or data/<prefix> (local files)")
-    p.add_argument("--prefix", help="shard name prefix; default: fineweb, or the first input file's name stem")
+    p = argparse.ArgumentParser(description="Tokenise FineWeb or local files into llm.c-format "
+                                "GPT-2 shards.")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="fineweb",
+                   help="Hugging Face source")
+    p.add_argument("--subset", default="sample-10BT",
+                   help="sample-10BT, sample-100BT, sample-350BT, default, ...")
+    p.add_argument("--input", nargs="+",
+                   help="local .jsonl/.json/.parquet/.txt files instead of Hugging Face")
+    p.add_argument("--out_dir", help="default: data/fineweb10B (FineWeb sample-10BT) or "
+                   "data/<prefix> (local files)")
+    p.add_argument("--prefix", help="shard name prefix; default: fineweb, or the first input "
+                   "file's name stem")
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
     p.add_argument("--val_tokens", type=int, help="tokens in the val shard (default: --shard_size; "
                    "an input too small for it plus one train shard gets 10%%)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="tokeniser processes")
-    p.add_argument("--hellaswag", action="store_true", help="download HellaSwag val to data/hellaswag/ and exit")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="tokeniser processes")
+    p.add_argument("--hellaswag", action="store_true",
+                   help="download HellaSwag val to data/hellaswag/ and exit")
     args = p.parse_args(argv)
     if args.hellaswag:
         try:
@@ -501,16 +534,17 @@ def main(argv=None):
             docs, source = local_docs(args.input), local_source(args.input)
         else:
             prefix = args.prefix or "fineweb"
-            tag = args.subset[len("sample-"):].rstrip("T") if args.subset.startswith("sample-") else "_" + args.subset
-            out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # e.g. data/fineweb-edu100B
+            sample = args.subset.startswith("sample-")
+            tag = args.subset[len("sample-"):].rstrip("T") if sample else "_" + args.subset
+            out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # data/fineweb10B
             docs = hf_docs(args.dataset, args.subset)
             source = {"dataset": DATASETS[args.dataset], "subset": args.subset}
-        # train.py finds shards by *_train_* / *_val_*: a prefix containing those would be read twice
+        # train.py finds shards by *_train_* / *_val_*: a prefix holding those would be read twice
         if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
             raise DataError(f"shard prefix {prefix!r} (--prefix, or the first input's name): "
                             f"pass a --prefix without '/', '_train' or '_val'")
         return prepare(docs, source, out_dir, prefix, args.shard_size, workers, args.val_tokens)
-    except (DataError, OSError) as e:  # OSError: out_dir not writable, disk full, ... (names the file)
+    except (DataError, OSError) as e:  # OSError: out_dir not writable, disk full, ... (names it)
         raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from infra import UsageError, autocast, check_dtype, check_ranges, parse_args, pick_device, usage
+from infra import (SEED_RANGE, UsageError, autocast, check_dtype, check_ranges, parse_args,
+                   pick_device, usage)
 from model import GPT, GPTConfig
 from prepare_fineweb import get_tokenizer
 from pretrained import from_pretrained, starting_point
@@ -38,7 +39,7 @@ class SampleConfig:
 
 # The valid values of each numeric option (0 keeps the checkpoint's K or experts per token).
 RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
-          "seed": ">= 0", "z_samples": ">= 0", "moe_top_k": ">= 0"}
+          "seed": SEED_RANGE, "z_samples": ">= 0", "moe_top_k": ">= 0"}
 
 
 def read_prompt(start):

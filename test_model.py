@@ -1,4 +1,5 @@
-"""Test suite: CPU only, `python -m pytest -q test_model.py`. Triton kernels run under TRITON_INTERPRET=1."""
+"""Test suite: CPU only, `python -m pytest -q test_model.py`. Triton kernels run under
+TRITON_INTERPRET=1."""
 import dataclasses
 import json
 import math
@@ -21,7 +22,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel  # tests only: a small random GPT-2 to compare with
+# tests only: a small random GPT-2 to compare with
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import compare
 import infra
@@ -35,12 +37,19 @@ from infra import UsageError, load_checkpoint
 from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
 from model import GPT, GPTConfig, inf_ffn
 from pretrained import expected_mask_value, from_pretrained
-from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag, load_shard,
-                             shard_paths, write_shard)
+from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
+                             load_shard, shard_paths, write_shard)
 from train import collate, hellaswag_eval, render_example, score_endings
 
 FFNS = list(model_py.FFNS)
 
+
+# ====================================================================== helpers and fixtures
+
+REPO = Path(__file__).resolve().parent
+
+
+# ---- tiny models, and the inputs of an ∞-MoE FFN
 
 def tiny(ffn, **kw):
     cfg = dict(ffn=ffn, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, d_z=8)
@@ -54,7 +63,104 @@ def tiny_model(ffn="dense", seed=0, **kw):
     return GPT(tiny(ffn, **kw))
 
 
-# ----------------------------------------------------------------------------- whole model
+def make_inputs(N, d, d_ff, d_z, K, bias, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0, dt=dtype: (
+        (torch.randn(*s, generator=g) * scale).to(dt).requires_grad_())
+    return dict(x=r(N, d), W1=r(d_ff, d, scale=d ** -0.5), b1=r(d_ff, scale=0.1) if bias else None,
+                W2=r(d, d_ff, scale=d_ff ** -0.5), b2=r(d, scale=0.1) if bias else None,
+                W_z=r(d_ff, d_z, scale=d_z ** -0.5, dt=torch.float32),
+                z=r(K, N, d_z, dt=torch.float32))
+
+
+def run(fn, inp, top_frac, dy):
+    leaves = {k: v for k, v in inp.items() if v is not None and v.requires_grad}
+    for v in leaves.values():
+        v.grad = None
+    y, counts, n_active = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), top_frac)
+    y.backward(dy)
+    return y.detach(), counts, n_active, {k: v.grad.clone() for k, v in leaves.items()}
+
+
+# ---- tiny training runs on a synthetic dataset
+
+def write_llmc_shard(path, tokens):
+    """llm.c's shard format, written here independently of prepare_fineweb."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = [20240520, 1, len(tokens)]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """A learnable token stream: one random 40-token phrase repeated, in a val and two train
+    shards."""
+    rng = np.random.default_rng(0)
+    phrase = rng.integers(0, 97, 40)
+    stream = np.tile(phrase, 400)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_llmc_shard(data / "syn_val_000000.bin", stream[:4000])
+    write_llmc_shard(data / "syn_train_000001.bin", stream[:7000])
+    write_llmc_shard(data / "syn_train_000002.bin", stream[7:9000])
+    return data
+
+
+def tiny_run(data, out, *extra):
+    return [f"--data_dir={data}", f"--out_dir={out}", "--vocab_size=97", "--n_layer=1",
+            "--n_head=2", "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=4",
+            "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3",
+            *extra]
+
+
+def read_log(out, name="log.jsonl"):
+    return [json.loads(line) for line in open(Path(out) / name)]
+
+
+def trained(shards, out, *extra):
+    """A 2-step tiny ∞-MoE run into out (checkpoint at step 2); returns the path of its ckpt.pt."""
+    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2", *extra))
+    return out / "ckpt.pt"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must be refused before any model is built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+    monkeypatch.setattr(train, "GPT", refuse)
+    monkeypatch.setattr(sample, "GPT", refuse)
+
+
+# ---- a small HellaSwag file
+
+# six examples whose right ending continues a pattern the context shows; the wrong endings are
+# the other examples' right endings, so all four are equally familiar and only the context tells
+# them apart
+FIXTURE = [
+    ("the cat sat on the mat. the cat sat on the", "mat."),
+    ("one two three four. one two three", "four."),
+    ("red green blue. red green", "blue."),
+    ("alpha beta gamma delta. alpha beta gamma", "delta."),
+    ("I like apples and pears. I like apples and", "pears."),
+    ("the sun rises in the east. the sun rises in the", "east."),
+]
+
+
+def write_fixture(path):
+    with open(path, "w") as f:
+        for i, (ctx, right) in enumerate(FIXTURE):
+            wrong = [FIXTURE[(i + k) % len(FIXTURE)][1] for k in (1, 2, 3)]
+            label = i % 4
+            endings = wrong[:label] + [right] + wrong[label:]
+            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
+
+
+# ====================================================================== model.py
+
+# ---- whole model
 
 @pytest.mark.parametrize("ffn", FFNS)
 def test_forward_backward_and_initial_loss(ffn):
@@ -64,7 +170,8 @@ def test_forward_backward_and_initial_loss(ffn):
     assert logits.shape == (4, 16, 97)
     assert abs(loss.item() - math.log(97)) < 0.1   # near-uniform predictions at init
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reached {missing}"
     logits, loss = model(idx)
     assert logits.shape == (4, 1, 97) and loss is None
@@ -94,10 +201,88 @@ def test_bad_config_names_the_field():
         GPTConfig(n_embd=100, n_head=12)
 
 
-# ----------------------------------------------------------------------------- ∞-MoE
+# ---- the FFN registry
+
+# Recorded with the model.py of commit 4f43f7f (before the registry), by the same computation as
+# below: the default FFNs must stay bit-identical (same parameter init order and values, same
+# noise draws).
+# ffn: (loss, logits[1, -1, :3], sum |grad W1| of layer 0, sum of all parameters)
+BEFORE_REGISTRY = {
+    "dense": (4.5826945304870605,
+              [0.013887088745832443, -0.05675721541047096, 0.07699025422334671],
+              12.741249084472656, 163.48829070851207),
+    "switch": (4.60293436050415,
+               [-0.04560556635260582, -0.05754594877362251, -0.0173189677298069],
+               3.501310348510742, 163.18279123678803),
+    "top2": (4.604064464569092,
+             [-0.042648881673812866, -0.05057494342327118, -0.009007296524941921],
+             9.218091011047363, 163.18279123678803),
+    "inf": (4.6025590896606445,
+            [-0.006124934647232294, -0.013159485533833504, 0.12845948338508606],
+            13.444576263427734, 150.97548807039857),
+}
+
+
+@pytest.mark.parametrize("ffn", list(BEFORE_REGISTRY))
+def test_default_ffns_unchanged_by_the_registry(ffn):
+    net = tiny_model(ffn)
+    idx = torch.arange(24).view(2, 12) * 7 % 97
+    torch.manual_seed(1)
+    logits, loss = net(idx, idx.roll(-1, 1))
+    loss.backward()
+    W1 = net.transformer.h[0].mlp.W1
+    grad = (W1.weight.grad if isinstance(W1, nn.Linear) else W1.grad).abs().sum().item()
+    got = (loss.item(), logits[1, -1, :3].tolist(), grad,
+           sum(p.sum().item() for p in net.parameters()))
+    want = BEFORE_REGISTRY[ffn]
+    for a, b in zip(got, want):  # tolerances only for other CPUs' summation orders
+        torch.testing.assert_close(torch.tensor(a, dtype=torch.float64),
+                                   torch.tensor(b, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_old_router_keys_load():
+    """Checkpoints from before the router module (router.weight / router.bias) load into
+    router.net.0."""
+    old = tiny_model("inf", seed=1)
+    sd = {k.replace("router.net.0.", "router."): v for k, v in old.state_dict().items()}
+    assert "transformer.h.0.mlp.router.weight" in sd
+    new = tiny_model("inf", seed=2)
+    new.load_state_dict(sd)
+    for a, b in zip(old.parameters(), new.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_residual_projections_found_by_marker(ffn):
+    net = tiny_model(ffn, n_layer=4)
+    marked = {n for n, p in net.named_parameters() if getattr(p, "residual_proj", False)}
+    assert marked == {f"transformer.h.{i}.{m}" for i in range(4)
+                      for m in ("attn.c_proj.weight",
+                                "mlp.W2" if ffn in ("switch", "top2") else "mlp.W2.weight")}
+    for name, p in net.named_parameters():  # GPT-2: std 0.02 / sqrt(2 n_layer) = 0.0071 for those
+        if name in marked:
+            assert abs(p.std().item() / (0.02 / math.sqrt(8)) - 1) < 0.15, name
+
+
+def test_aux_losses_are_summed_from_whichever_layers_have_them():
+    idx = torch.randint(0, 97, (2, 16))
+    for ffn in ("switch", "inf"):
+        net = tiny_model(ffn)
+        torch.manual_seed(1)
+        logits, loss = net(idx, idx)
+        ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+        aux = [b.mlp.aux_loss for b in net.transformer.h
+               if getattr(b.mlp, "aux_loss", None) is not None]
+        assert len(aux) == (2 if ffn == "switch" else 0)
+        torch.testing.assert_close(loss, ce + sum(aux))
+        assert (net.aux_loss is None) == (ffn == "inf")
+
+
+# ---- ∞-MoE
 
 def router_by_hand(layer, x):
-    """mu, log sigma^2 of the paper's linear router: one matrix, the second half bounded by 6 tanh(./6)."""
+    """mu, log sigma^2 of the paper's linear router: one matrix, the second half bounded by
+    6 tanh(./6)."""
     lin = layer.router.net[0]
     out = x @ lin.weight.t() + (0 if lin.bias is None else lin.bias)
     d_z = layer.W_z.shape[1]
@@ -106,7 +291,8 @@ def router_by_hand(layer, x):
 
 def naive_inf_moe(layer, x, eps):
     """K separate expert passes f(x, z_k), averaged; the top-N% mask built by index
-    (arXiv 2601.17680 Sec. 3.2: z_k = mu + sigma eps_k, mask_k = TopN%(W_z z_k), W2 (GELU(W1 x) ⊙ mask_k))."""
+    (arXiv 2601.17680 Sec. 3.2: z_k = mu + sigma eps_k, mask_k = TopN%(W_z z_k),
+    W2 (GELU(W1 x) ⊙ mask_k))."""
     d_ff = layer.W_z.shape[0]
     n_keep = round(layer.config.top_frac * d_ff)
     mu, logvar = router_by_hand(layer, x)
@@ -129,22 +315,6 @@ def test_inf_moe_matches_naive_k_pass_reference(K, bias):
     y = layer(x, eps=eps)
     ref = naive_inf_moe(layer, x.view(10, 32), eps.view(K, 10, 8)).view(2, 5, 32)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_top_fraction_keeps_exactly_n_at_their_values():
-    torch.manual_seed(0)
-    d_ff, d_z, r = 50, 6, 0.3
-    z, W_z = torch.randn(1, 7, d_z), torch.randn(d_ff, d_z)
-    M, counts, _ = averaged_topk_mask(z, W_z, r)
-    scores = z[0] @ W_z.t()
-    n_keep = 15  # round(0.3 * 50)
-    assert ((M != 0).sum(-1) == n_keep).all()
-    kept = M != 0
-    torch.testing.assert_close(M[kept], scores[kept])
-    # the kept entries are the largest ones: every kept score beats every dropped score in its row
-    assert (scores.masked_fill(~kept, float("inf")).min(-1).values >
-            scores.masked_fill(kept, -float("inf")).max(-1).values).all()
-    assert counts.sum().item() == 7 * n_keep
 
 
 def test_gradients_reach_router_mu_logvar_wz_w1_w2():
@@ -235,7 +405,40 @@ def test_routing_stats_entropy_against_hand_computation():
     assert abs(layer.stats["sigma"].item() - sigma.mean().item()) < 1e-6
 
 
-# ----------------------------------------------------------------------------- switch / top-2
+# ---- the ∞-MoE equations (inf_ffn)
+
+def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """model.inf_ffn's definition computed another way: K separate expert passes f(x, z_k) =
+    W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged, with mask_k built by index: the n_keep largest
+    scores of each row scattered at their own values (random scores: no ties). Returns y, counts
+    and n_active like inf_ffn."""
+    n_keep = max(1, round(top_frac * W_z.shape[0]))
+    ys, masks, counts = [], [], 0
+    for k in range(z.shape[0]):
+        m = z[k] @ W_z.t()
+        idx = m.detach().sort(dim=-1, descending=True).indices[:, :n_keep]
+        masks.append(torch.zeros_like(m).scatter(1, idx, m.gather(1, idx)))
+        counts = counts + torch.zeros(m.shape[1]).index_add_(0, idx.flatten(),
+                                                             torch.ones(idx.numel()))
+        ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * masks[-1].to(x.dtype), W2, b2))
+    return sum(ys) / len(ys), counts, (sum(masks) != 0).sum().float()
+
+
+@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (3, False, 0.1), (2, True, 1.0)])
+def test_inf_ffn_states_the_k_pass_definition(K, bias, top_frac):
+    # the oracle of every fast path, itself against the definition computed by index
+    inp = make_inputs(N=23, d=10, d_ff=36, d_z=5, K=K, bias=bias, seed=20 + K)
+    dy = torch.randn(23, 10, generator=torch.Generator().manual_seed(4))
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(inf_ffn, inp, top_frac, dy), run(index_inf_ffn, inp, top_frac, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ---- switch / top-2
 
 def moe_case(ffn, **kw):
     """4 tokens whose router logits are set by hand: x[:, :4] = logits, W_r picks those columns."""
@@ -243,7 +446,8 @@ def moe_case(ffn, **kw):
     with torch.no_grad():
         layer.W_r.weight.copy_(torch.cat([torch.eye(4), torch.zeros(4, 12)], 1))
     x = torch.randn(4, 16)
-    x[:, :4] = torch.tensor([[2.0, 0.5, 0, -1], [1.0, 0.2, 0.1, 0], [0, 3.0, 1.0, 0.5], [0, 0.3, 2.0, 1.0]])
+    x[:, :4] = torch.tensor([[2.0, 0.5, 0, -1], [1.0, 0.2, 0.1, 0], [0, 3.0, 1.0, 0.5],
+                             [0, 0.3, 2.0, 1.0]])
     return layer, x
 
 
@@ -264,7 +468,8 @@ def test_switch_routing_and_balancing_loss_by_hand():
     p = [softmax_row(r) for r in logits]
     chosen = [0, 0, 1, 2]
     for t in range(4):
-        torch.testing.assert_close(y[t], p[t][chosen[t]] * expert(layer, chosen[t], x[t]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y[t], p[t][chosen[t]] * expert(layer, chosen[t], x[t]),
+                                   rtol=1e-5, atol=1e-6)
     f = [0.5, 0.25, 0.25, 0.0]
     P = [sum(p[t][i] for t in range(4)) / 4 for i in range(4)]
     lb = 0.01 * 4 * sum(fi * Pi for fi, Pi in zip(f, P))
@@ -300,15 +505,125 @@ def test_moe_drops_no_token():
     torch.testing.assert_close(layer.stats["load"], torch.tensor([1.0, 0, 0, 0]))
 
 
-# ----------------------------------------------------------------------------- parameter counts
+# ---- the variant flags: router depth and mixture, gate, inf_deep, aux-loss-free balancing
+
+def index_mask(scores, r):
+    """TopN% built by index: the round(r * d_ff) largest scores of each row at their values, the
+    rest 0."""
+    idx = scores.topk(max(1, round(r * scores.shape[-1])), dim=-1).indices
+    return torch.zeros_like(scores).scatter(1, idx, scores.gather(1, idx))
+
+
+def naive_expert(x, z, hidden, W_zs, rs, out, pre):
+    """One expert f(x, z): each hidden layer masked by its own W_z head, then the output layer."""
+    h = x
+    for lin, W_z, r in zip(hidden, W_zs, rs):
+        a, mask = lin(h), index_mask(z @ W_z.t(), r)
+        h = F.gelu(a * mask) if pre else F.gelu(a) * mask
+    return out(h)
+
+
+@pytest.mark.parametrize("flags", [dict(ffn="inf", router_depth=3, router_width=16),
+                                   dict(ffn="inf", gate="pre"),
+                                   dict(ffn="inf_deep", top_frac2=0.5),
+                                   dict(ffn="inf_deep", gate="pre")])
+def test_variant_matches_naive_k_pass(flags):
+    """Deep router, pre-activation gate, deep ∞-MoE FFN: the layer equals K separate naive
+    experts."""
+    layer = tiny_model(**flags).transformer.h[0].mlp
+    x, eps = torch.randn(10, 32), torch.randn(3, 10, 8)
+    lins = [m for m in layer.router.net if isinstance(m, nn.Linear)]
+    assert len(lins) == flags.get("router_depth", 1)
+    h = x
+    for lin in lins[:-1]:  # the router MLP by hand: Linear, GELU, ..., Linear
+        h = F.gelu(h @ lin.weight.t() + lin.bias)
+    out = h @ lins[-1].weight.t() + lins[-1].bias
+    mu, sigma = out[:, :8], torch.exp(0.5 * 6 * torch.tanh(out[:, 8:] / 6))
+    deep, pre = flags["ffn"] == "inf_deep", flags.get("gate") == "pre"
+    hidden, W_zs = (([layer.W1, layer.W_mid], [layer.W_z, layer.W_z2]) if deep
+                    else ([layer.W1], [layer.W_z]))
+    rs = [0.25, flags.get("top_frac2", 0.25)]
+    ref = sum(naive_expert(x, mu + sigma * eps[k], hidden, W_zs, rs, layer.W2, pre)
+              for k in range(3)) / 3
+    torch.testing.assert_close(layer(x, eps=eps), ref, rtol=1e-5, atol=1e-6)
+    n_units = sum(W_z.shape[0] for W_z in W_zs)
+    assert abs(layer.stats["active"].item() * 10 * n_units - sum(
+        (torch.stack([index_mask((mu + sigma * eps[k]) @ W_z.t(), r)
+                      for k in range(3)]) != 0).any(0).sum().item()
+        for W_z, r in zip(W_zs, rs))) < 0.5  # the non-zero share of every layer's union of masks
+
+
+def test_mixture_router_matches_weighted_components():
+    """C = 3 Gaussians: y = sum_c pi_c (1/K) sum_k f(x, mu_c + sigma_c eps_k), pi = softmax of the
+    router's first C outputs; pi gets a gradient."""
+    C, K = 3, 2
+    layer = tiny_model("inf", router_mix=C).transformer.h[0].mlp
+    x, eps = torch.randn(10, 32), torch.randn(K, 10, 8)
+    lin = layer.router.net[0]
+    out = x @ lin.weight.t() + lin.bias  # [C mixture logits | mu_0, raw_0 | mu_1, raw_1 | ...]
+    pi = out[:, :C].softmax(-1)
+    ref = 0
+    for c in range(C):
+        o = out[:, C + 16 * c: C + 16 * (c + 1)]
+        mu, sigma = o[:, :8], torch.exp(0.5 * 6 * torch.tanh(o[:, 8:] / 6))
+        for k in range(K):
+            ref = ref + pi[:, c:c + 1] * naive_expert(x, mu + sigma * eps[k], [layer.W1],
+                                                      [layer.W_z], [0.25], layer.W2, False) / K
+    y = layer(x, eps=eps)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    q = pi.mean(0)
+    assert abs(layer.stats["mix_entropy"].item()
+               - (-(q * q.log()).sum() / math.log(C)).item()) < 1e-6
+    (y * torch.randn_like(y)).sum().backward()
+    # the weights learn
+    assert lin.weight.grad[:C].abs().sum() > 0 and lin.bias.grad[:C].abs().sum() > 0
+
+
+@pytest.mark.parametrize("ffn", ["switch", "top2"])
+def test_aux_loss_free_balancing_by_hand(ffn):
+    """DeepSeek-V3: experts chosen by top-k of p + b, weighted by p; after a step
+    b_i += gamma sign(1/E - f_i)."""
+    layer, x = moe_case(ffn, balance="bias", balance_rate=0.1)
+    b = [-1.0, 0.0, 0.0, 0.5]
+    with torch.no_grad():
+        layer.balance_bias.copy_(torch.tensor(b))
+    y = layer(x)
+    logits = x[:, :4].tolist()
+    k = 1 if ffn == "switch" else 2
+    counts = [0] * 4
+    for t in range(4):
+        p = softmax_row(logits[t])
+        chosen = sorted(range(4), key=lambda e: -(p[e] + b[e]))[:k]
+        w = [p[e] / (sum(p[c] for c in chosen) if k == 2 else 1.0) for e in chosen]
+        torch.testing.assert_close(y[t],
+                                   sum(wi * expert(layer, e, x[t]) for wi, e in zip(w, chosen)),
+                                   rtol=1e-5, atol=1e-6)
+        for e in chosen:
+            counts[e] += 1
+    # the bias moved tokens: without it expert 3 gets none (switch) or one (top2)
+    assert counts[3] >= 3
+    f = [n / (4 * k) for n in counts]
+    torch.testing.assert_close(layer.stats["load"], torch.tensor(f))
+    zl = 0.001 * sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in logits) / 4
+    assert abs(layer.aux_loss.item() - zl) < 1e-6  # no balancing loss in the gradient
+    layer.after_step()
+    sign = lambda v: (v > 0) - (v < 0)
+    torch.testing.assert_close(layer.balance_bias,
+                               torch.tensor([bi + 0.1 * sign(0.25 - fi) for bi, fi in zip(b, f)]))
+    assert ("balance_bias" in layer.state_dict()
+            and not any(p is layer.balance_bias for p in layer.parameters()))
+
+
+# ---- parameter counts
 
 def formula_params(ffn, L, d, V=50257, T=1024, E=4, d_z=128, K=2, r=0.25, mult=0, depth=1, C=1):
     """Independent count: embeddings + per layer (2 LN, attention, FFN) + final LN; biases on.
-    mult: hidden width / d (0: the FFN's default); depth, C: the ∞-MoE router's layers (width d), components."""
+    mult: hidden width / d (0: the FFN's default); depth, C: the ∞-MoE router's layers (width d),
+    components."""
     attn = d * 3 * d + 3 * d + d * d + d
     ln = 2 * d
     shared = V * d + T * d + L * (2 * ln + attn) + ln
-    out = 2 * d_z if C == 1 else C * (2 * d_z + 1)           # mu, log sigma^2 (and a weight) per component
+    out = 2 * d_z if C == 1 else C * (2 * d_z + 1)  # mu, log sigma^2 (and a weight) per component
     router = (depth - 1) * (d * d + d) + (d + 1) * out
     if ffn == "dense":
         n = (mult or 4) * d
@@ -320,7 +635,7 @@ def formula_params(ffn, L, d, V=50257, T=1024, E=4, d_z=128, K=2, r=0.25, mult=0
     elif ffn == "inf":
         d_ff = (mult or 8) * d
         fixed = router + d_ff * d_z + d                       # router, W_z, b2
-        units = min(d_ff, K * C * round(r * d_ff))            # K * C masks of round(r d_ff) units each
+        units = min(d_ff, K * C * round(r * d_ff))  # K * C masks of round(r d_ff) units each
         ffn_total, ffn_active = fixed + d_ff * (2 * d + 1), fixed + units * (2 * d + 1)
     else:  # inf_deep: x -(W1)-> n -(W_mid)-> n -(W2)-> d, a W_z per hidden layer
         n = (mult or 4) * d
@@ -374,240 +689,14 @@ def test_an_ffn_must_state_its_active_params(monkeypatch):
     assert total - active == 2 * (32 * 32 + 32 - 7)  # two layers, each its own statement
 
 
-# ----------------------------------------------------------------------------- data (prepare_fineweb.py)
+# ====================================================================== train.py
 
-REPO = Path(__file__).resolve().parent
-TEXTS = REPO / "data" / "fixture_texts.jsonl"  # 4 documents of the bundled sample's public-domain text
-SHORT_DOCS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint"]  # 2K-14K characters each
-
-def real_docs():
-    """A few real documents, in file order, plus edge cases a tokenizer pipeline could get wrong."""
-    docs = [r["text"] for r in map(json.loads, TEXTS.open(encoding="utf-8")) if r["id"] in SHORT_DOCS]
-    assert len(docs) == len(SHORT_DOCS)
-    # many short documents too (the stanzas of one poem), so tokenising takes many parallel tasks;
-    # an empty document, and one with the EOT marker as plain text (must not become 50256)
-    return docs + [p for p in docs[1].split("\n\n") if p][:40] + ["", "naïve café <|endoftext|> ✓ 日本語\n\n"]
-
-def write_jsonl(path, docs):
-    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
-    return path
-
-def read_shard_independently(path):
-    """llm.c's format, read without prepare_fineweb: 256 int32 header, then uint16 tokens."""
-    header = np.fromfile(path, dtype=np.int32, count=256)
-    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
-    assert os.path.getsize(path) == 256 * 4 + 2 * int(header[2])
-    return np.fromfile(path, dtype=np.uint16, offset=256 * 4)
-
-def check_shards(out_dir, prefix, shard_size, docs, val_size=None):
-    names = sorted(p.name for p in Path(out_dir).iterdir() if p.name != "manifest.json")
-    expected_names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, len(names))]
-    assert names == sorted(expected_names)  # no .tmp files left either
-    shards = [read_shard_independently(Path(out_dir) / n) for n in expected_names]
-    assert len(shards[0]) == (val_size or shard_size)
-    assert all(len(s) == shard_size for s in shards[1:-1]) and 0 < len(shards[-1]) <= shard_size
-    check_manifest(out_dir, expected_names, shards)
-    tokens = np.concatenate(shards)
-    enc = get_tokenizer()
-    expected = np.concatenate([[EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
-    np.testing.assert_array_equal(tokens, expected)
-    # decode: every document comes back exactly, in order, each preceded by EOT
-    assert tokens[0] == EOT
-    starts = np.flatnonzero(tokens == EOT)
-    assert len(starts) == len(docs)
-    ends = list(starts[1:]) + [len(tokens)]
-    assert [enc.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)] == docs
-
-def check_manifest(out_dir, names, shards):
-    """manifest.json marks the dataset complete and lists each shard, its size and where its last
-    document stands (documents begun so far = EOTs so far; tokens of the last one since its EOT)."""
-    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
-    assert manifest["complete"] is True
-    assert [(s["name"], s["tokens"]) for s in manifest["shards"]] == [(n, len(t)) for n, t in zip(names, shards)]
-    tokens = np.concatenate(shards)
-    for s, end in zip(manifest["shards"], np.cumsum([len(t) for t in shards])):
-        eots = np.flatnonzero(tokens[:end] == EOT)
-        assert (s["docs"], s["tail"]) == (len(eots), end - eots[-1])
-
-def test_tokenizer_known_ids_offline(tmp_path):
-    assert get_tokenizer() is get_tokenizer()  # cached
-    assert get_tokenizer().encode_ordinary("hello world") == [31373, 995]
-    assert get_tokenizer().encode("<|endoftext|>", allowed_special="all") == [EOT]
-    # a fresh process, no TIKTOKEN_CACHE_DIR, no usable network, an empty temp dir: loads from data/tiktoken/
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR") and k.lower() not in ("no_proxy", "all_proxy")}
-    env.update({k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
-    env["TMPDIR"] = str(tmp_path)  # tiktoken's default cache lives under the temp dir: make it an empty one
-    code = "import os; from prepare_fineweb import get_tokenizer as g; print(g().encode_ordinary('hello world'), 'TIKTOKEN_CACHE_DIR' in os.environ)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[0] == "[31373, 995] False"  # and the user's environment is left as it was
-
-def test_round_trip_real_text(tmp_path, monkeypatch):
-    docs = real_docs()
-    src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # many small tasks (> the in-flight window): order must hold
-    paths = prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "a"), "--prefix", "t", "--shard_size", "1000", "--workers", "2"])
-    assert len(paths) > 3 and Path(paths[0]).name == "t_val_000000.bin" and Path(paths[-1]).name == f"t_train_{len(paths) - 1:06d}.bin"
-    check_shards(tmp_path / "a", "t", 1000, docs)
-    assert shard_paths(tmp_path / "a", "val") == [paths[0]] and shard_paths(tmp_path / "a", "train") == paths[1:]
-    for p in paths:
-        np.testing.assert_array_equal(load_shard(p), read_shard_independently(p))
-
-def test_cli_subprocess(tmp_path):
-    docs = real_docs()
-    src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    cmd = [sys.executable, str(REPO / "prepare_fineweb.py"), "--input", str(src), "--out_dir", str(tmp_path / "b"),
-           "--shard_size", "777", "--workers", "1"]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    check_shards(tmp_path / "b", "docs", 777, docs)  # default prefix: the input file's stem
-    # a user error: non-zero exit, one clear line naming the file, no traceback
-    r = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
-
-def test_local_formats(tmp_path):
-    # .txt is one whole document; .json holds a list; .jsonl one object per line; all in argument order
-    (tmp_path / "a.txt").write_text("First line.\n\nSecond paragraph.\n", encoding="utf-8")
-    (tmp_path / "b.json").write_text(json.dumps([{"text": "json one"}, {"text": "json two"}]), encoding="utf-8")
-    write_jsonl(tmp_path / "c.jsonl", ["jsonl one", "jsonl two"])
-    docs = ["First line.\n\nSecond paragraph.\n", "json one", "json two", "jsonl one", "jsonl two"]
-    prepare_fineweb.main(["--input"] + [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jsonl")]
-         + ["--out_dir", str(tmp_path / "out"), "--prefix", "f", "--shard_size", "5", "--workers", "2"])
-    check_shards(tmp_path / "out", "f", 5, docs)
-
-def test_resume(tmp_path, capsys):
-    docs = real_docs()
-    src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    argv = ["--input", str(src), "--out_dir", str(tmp_path / "r"), "--prefix", "r", "--shard_size", "1500", "--workers", "2"]
-    paths = prepare_fineweb.main(argv)
-    assert len(paths) >= 5
-    files = sorted((tmp_path / "r").iterdir())
-    original = {f: f.read_bytes() for f in files}
-    stat = lambda f: (os.stat(f).st_mtime_ns, os.stat(f).st_ino)
-    before = {f: stat(f) for f in files}
-    # a rerun of a complete dataset, same inputs and settings: says so, writes nothing
-    capsys.readouterr()
-    assert prepare_fineweb.main(argv) == paths
-    assert "already complete" in capsys.readouterr().out
-    assert {f: stat(f) for f in files} == before
-    # damage after the fact: shard 2 truncated, the last shard gone (and a stray .tmp):
-    # shards 0 and 1 are kept untouched, the rest written again, identical to the first run
-    Path(paths[2]).write_bytes(original[Path(paths[2])][:-10])
-    Path(paths[3] + ".tmp").write_bytes(b"half a shard")
-    os.remove(paths[-1])
-    assert prepare_fineweb.main(argv) == paths
-    assert "resuming: 2 finished shards kept" in capsys.readouterr().out
-    assert all(stat(paths[i]) == before[Path(paths[i])] for i in (0, 1))
-    assert {f: f.read_bytes() for f in sorted((tmp_path / "r").iterdir()) if f.suffix != ".tmp"} == original
-    check_shards(tmp_path / "r", "r", 1500, docs)
-
-def run_main_error(argv):
-    with pytest.raises(SystemExit) as e:
-        prepare_fineweb.main(argv)
-    return str(e.value)
-
-def test_bad_input(tmp_path):
-    out = ["--out_dir", str(tmp_path / "out"), "--workers", "2"]
-    (tmp_path / "empty.jsonl").write_text("")
-    msg = run_main_error(["--input", str(tmp_path / "empty.jsonl")] + out)
-    assert "empty.jsonl" in msg and "no documents" in msg
-    (tmp_path / "empty.txt").write_text("")
-    assert "empty.txt" in run_main_error(["--input", str(tmp_path / "empty.txt")] + out)
-    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n{"id": 7, "content": "no text field"}\n')
-    msg = run_main_error(["--input", str(tmp_path / "notext.jsonl")] + out)
-    assert "notext.jsonl" in msg and "line 2" in msg and "text" in msg
-    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-    msg = run_main_error(["--input", str(tmp_path / "broken.jsonl")] + out)
-    assert "broken.jsonl" in msg and "line 2" in msg
-    assert "missing.jsonl" in run_main_error(["--input", str(tmp_path / "missing.jsonl")] + out)
-    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage\x80")
-    assert "binary.txt" in run_main_error(["--input", str(tmp_path / "binary.txt")] + out)
-    (tmp_path / "data.csv").write_text("text\nhello\n")
-    assert "data.csv" in run_main_error(["--input", str(tmp_path / "data.csv")] + out)
-
-def test_bad_shards(tmp_path):
-    good = tmp_path / "x_train_000001.bin"
-    write_shard(str(good), np.arange(100, dtype=np.uint16))
-    data = good.read_bytes()
-    assert not (tmp_path / "x_train_000001.bin.tmp").exists()
-    cases = {"truncated": data[:-2], "too short": data[:100], "magic": b"\0" * 4 + data[4:],
-             "version": data[:4] + np.int32(2).tobytes() + data[8:]}
-    for what, content in cases.items():
-        bad = tmp_path / f"bad_{what.replace(' ', '_')}.bin"
-        bad.write_bytes(content)
-        with pytest.raises(ValueError, match=what) as e:
-            load_shard(str(bad))
-        assert str(bad) in str(e.value)
-    with pytest.raises(AssertionError):
-        write_shard(str(tmp_path / "big.bin"), np.array([70000]))
-    with pytest.raises(FileNotFoundError) as e:
-        shard_paths(str(tmp_path / "nothing"), "val")
-    assert "nothing" in str(e.value) and "val" in str(e.value) and "prepare_fineweb.py" in str(e.value)
-
-def test_parquet(tmp_path):
-    docs = ["parquet one", "parquet two", "three"]
-    pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), tmp_path / "d.parquet")
-    prepare_fineweb.main(["--input", str(tmp_path / "d.parquet"), "--out_dir", str(tmp_path / "out"), "--shard_size", "4", "--workers", "1"])
-    check_shards(tmp_path / "out", "d", 4, docs)
-    pq.write_table(pa.table({"body": docs}), tmp_path / "nocol.parquet")
-    msg = run_main_error(["--input", str(tmp_path / "nocol.parquet"), "--out_dir", str(tmp_path / "out2")])
-    assert "nocol.parquet" in msg and "text" in msg
-
-def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
-    # no network here: a stand-in `datasets` module records the call and streams rows like FineWeb's
-    import types
-    calls = []
-    def load_dataset(path, name=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
-        return iter([{"text": "row one", "id": "a"}, {"text": "row two", "id": "b"}])
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    monkeypatch.chdir(tmp_path)
-    prepare_fineweb.main(["--dataset", "fineweb-edu", "--subset", "sample-100BT", "--shard_size", "3", "--workers", "2"])
-    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
-    check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
-
-
-# ----------------------------------------------------------------------------- training (train.py, sample.py)
-
-
-
-def write_llmc_shard(path, tokens):
-    """llm.c's shard format, written here independently of prepare_fineweb."""
-    header = np.zeros(256, dtype=np.int32)
-    header[:3] = [20240520, 1, len(tokens)]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-
-
-@pytest.fixture
-def shards(tmp_path):
-    """A learnable token stream: one random 40-token phrase repeated, in a val and two train shards."""
-    rng = np.random.default_rng(0)
-    phrase = rng.integers(0, 97, 40)
-    stream = np.tile(phrase, 400)
-    data = tmp_path / "data"
-    data.mkdir()
-    write_llmc_shard(data / "syn_val_000000.bin", stream[:4000])
-    write_llmc_shard(data / "syn_train_000001.bin", stream[:7000])
-    write_llmc_shard(data / "syn_train_000002.bin", stream[7:9000])
-    return data
-
-
-def tiny_run(data, out, *extra):
-    return [f"--data_dir={data}", f"--out_dir={out}", "--vocab_size=97", "--n_layer=1", "--n_head=2",
-            "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=4", "--eval_iters=2",
-            "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", *extra]
-
-
-def read_log(out, name="log.jsonl"):
-    return [json.loads(line) for line in open(Path(out) / name)]
-
+# ---- training
 
 @pytest.mark.parametrize("ffn", FFNS)
 def test_training_loss_decreases(shards, tmp_path, ffn):
-    train.main(tiny_run(shards, tmp_path / "out", f"--ffn={ffn}", "--max_iters=30", "--eval_interval=30"))
+    train.main(tiny_run(shards, tmp_path / "out", f"--ffn={ffn}", "--max_iters=30",
+                        "--eval_interval=30"))
     log = read_log(tmp_path / "out")
     losses = [r["loss"] for r in log if "loss" in r]
     vals = [r["val_loss"] for r in log if "val_loss" in r]
@@ -621,7 +710,8 @@ def test_training_loss_decreases(shards, tmp_path, ffn):
 
 
 def test_resume_is_exact(shards, tmp_path):
-    common = ["--ffn=inf", "--eval_interval=4", "--lr_decay_iters=8", "--gradient_accumulation_steps=2"]
+    common = ["--ffn=inf", "--eval_interval=4", "--lr_decay_iters=8",
+              "--gradient_accumulation_steps=2"]
     train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=8"))
     train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=4"))
     train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=8", "--init_from=resume"))
@@ -634,9 +724,12 @@ def test_resume_is_exact(shards, tmp_path):
 def test_eval_only_with_k_and_deterministic(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=4", "--eval_interval=4"))
-    v1 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))["val_loss"]
-    v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_deterministic"))["val_loss"]
-    v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--z_samples=4"))["val_loss"]
+    v1 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                             "--z_deterministic"))["val_loss"]
+    v2 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                             "--z_deterministic"))["val_loss"]
+    v4 = train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                             "--z_samples=4"))["val_loss"]
     assert v1 == v2 and math.isfinite(v4)
     assert read_log(out, "eval.jsonl")[-1]["z_samples"] == 4
     with pytest.raises(ValueError, match="n_embd"):
@@ -653,6 +746,98 @@ def test_bad_shard_names_the_file(shards, tmp_path, damage, message):
     assert str(bad) in str(err.value)
 
 
+def test_ddp_two_processes_match_one(shards, tmp_path):
+    """2 gloo processes x 1 micro-batch each == 1 process x 2 micro-batches: same global batch,
+    same loss."""
+    args = ["--ffn=switch", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2",
+            "--device=cpu"]
+    train.main(tiny_run(shards, tmp_path / "one", *args))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *tiny_run(shards, tmp_path / "two", *args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = [r for r in read_log(tmp_path / "one") if "loss" in r]
+    two = [r for r in read_log(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-6
+    assert abs(read_log(tmp_path / "one")[-1]["val_loss"]
+               - read_log(tmp_path / "two")[-1]["val_loss"]) < 1e-5
+
+
+def test_train_with_aux_loss_free_balancing(shards, tmp_path):
+    """train.py calls after_step: the checkpoint holds the bias, a sum of +-gamma steps, and the
+    log the load."""
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=switch", "--balance=bias", "--balance_rate=0.01",
+                        "--max_iters=3", "--eval_interval=3"))
+    bias = load_checkpoint(out / "ckpt.pt")["model"]["transformer.h.0.mlp.balance_bias"]
+    steps = bias / 0.01
+    assert (bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4)
+            and steps.abs().max() <= 3)
+    assert len(read_log(out)[-2]["load"]) == 4
+
+
+def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, capsys):
+    """A fake clock: 1 s per training forward, 100 s per evaluation. Every logged rate is then
+    1 step/s, though evaluations fall between log lines; elapsed counts both."""
+    clock = [0.0]
+    forward, evaluate = GPT.forward, train.evaluate
+
+    def timed_forward(self, idx, targets=None):
+        clock[0] += self.training
+        return forward(self, idx, targets)
+
+    def timed_evaluate(*args):
+        clock[0] += 100
+        return evaluate(*args)
+
+    monkeypatch.setattr(GPT, "forward", timed_forward)
+    monkeypatch.setattr(train, "evaluate", timed_evaluate)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=6", "--eval_interval=2",
+                        "--log_interval=3"))
+    records = [r for r in read_log(tmp_path / "out") if "loss" in r]
+    assert [r["tokens_per_s"] for r in records] == [4 * 32 / 1.0] * 2  # batch 4 x block 32 per step
+    # evaluations at steps 0, 2 and 4
+    assert [r["elapsed_s"] for r in records] == [3 + 200, 6 + 300]
+    assert "step 3/6:" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--max_iters=2", "--eval_interval=2"))
+    forward, calls = GPT.forward, [0]
+
+    def poisoned(self, idx, targets=None):  # the 4th training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets)
+        calls[0] += self.training
+        return logits, (loss * float("nan") if calls[0] == 4 and self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(SystemExit, match="training loss is nan"):
+        train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10",
+                            "--eval_interval=2"))
+    ckpt = load_checkpoint(out / "ckpt.pt")  # written at step 4, before the NaN at step 6
+    assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none(shards, tmp_path, monkeypatch):
+    forward = GPT.forward
+    def poisoned(self, idx, targets=None):  # every training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets)
+        return logits, loss * float("nan") if self.training else loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(SystemExit,
+                       match="training loss is nan; stopping, no checkpoint was written"):
+        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=4", "--eval_interval=2"))
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+# ---- bad options: one-line errors
+
 def test_bad_options_are_named(shards, tmp_path):
     with pytest.raises(ValueError, match="--bogus"):
         train.main(["--bogus=1"])
@@ -665,54 +850,211 @@ def test_bad_options_are_named(shards, tmp_path):
     with pytest.raises(ValueError, match="--preset=gpt3"):
         train.main(["--preset=gpt3"])
     with pytest.raises(ValueError, match="needs --dtype=bfloat16"):
-        train.main([f"--data_dir={shards}", f"--out_dir={tmp_path / 'out'}", "--eval_iters=2", "--ffn=top2",
-                    "--compile", "--device=cpu", "--dtype=float32"])
-    res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
+        train.main([f"--data_dir={shards}", f"--out_dir={tmp_path / 'out'}", "--eval_iters=2",
+                    "--ffn=top2", "--compile", "--device=cpu", "--dtype=float32"])
+    res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True,
+                         text=True, cwd=Path(__file__).parent)
     assert res.returncode != 0 and "unknown option --learning_rat" in res.stderr
     assert "Traceback" not in res.stderr
 
 
-def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
+def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkeypatch, no_model):
     out = tmp_path / "out"
-    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2"))
-    prompt = "!"  # GPT-2 id 0: inside the tiny model's 97-token vocabulary
-    texts = sample.main([f"--out_dir={out}", f"--start={prompt}", "--num_samples=2", "--max_new_tokens=5",
-                         "--z_samples=3"])
-    assert len(texts) == 2 and all(t.startswith(prompt) and len(t) > len(prompt) for t in texts)
-    with pytest.raises(ValueError, match="vocab_size 97"):
-        sample.main([f"--out_dir={out}", "--start=Hello"])
-    with pytest.raises(UsageError, match="no checkpoint"):
-        sample.main([f"--out_dir={tmp_path / 'nowhere'}"])
+    (tmp_path / "a_file").write_text("")
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    write_llmc_shard(short / "syn_train_000003.bin", np.arange(100) % 97)  # < 4 x 32 + 1 tokens
+    cases = [  # (argv after tiny_run's, words the one-line error must contain)
+        (["--n_head=0"], "--n_head=0: must be >= 1"),
+        (["--eval_interval=0"], "--eval_interval=0: must be >= 1"),
+        (["--log_interval=0"], "--log_interval=0"),
+        (["--batch_size=-1"], "--batch_size=-1"),
+        (["--batch_size=0"], "--batch_size=0"),
+        (["--eval_iters=0"], "--eval_iters=0"),
+        (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0"),
+        (["--max_iters=-1"], "--max_iters=-1"),
+        (["--hellaswag_limit=-1"], "--hellaswag_limit=-1"),
+        (["--learning_rate=nan"], "--learning_rate=nan"),
+        (["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
+        (["--device=cuda"], "--device=cuda: no CUDA device"),
+        (["--device=gpu"], "--device=gpu"),
+        (["--dtype=float16"], "--dtype=float16"),
+        (["--init_from=bogus"], "--init_from=bogus"),
+        (["--out_dir"], "--out_dir needs a value"),
+        (["--preset"], "--preset needs a value"),
+        (["--eval_only"], "--init_from=resume"),
+        ([f"--out_dir={tmp_path / 'a_file'}"], "--out_dir="),
+        (["--wandb_log"], "pip install wandb"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'a_file'}"],
+         "a_file: no HellaSwag examples"),
+        (["--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}"], "no HellaSwag data at"),
+        # 4000 val tokens hold 31 batches of 4 x 32
+        (["--eval_iters=40"], "--eval_iters=40: the val split"),
+        (["--vocab_size=50"], "syn_train_000001.bin: token id"),
+        ([f"--data_dir={short}"], "syn_train_000003.bin: 100 tokens"),
+        ([f"--data_dir={tmp_path / 'nowhere'}"], "no train shards"),
+    ]
+    # `import wandb` fails, as when it is not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    for argv, words in cases:
+        with pytest.raises(UsageError) as err:
+            train.main(tiny_run(shards, out, *argv))
+        assert words in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
+    assert not out.exists()  # nothing was written
+    monkeypatch.delenv("TRITON_INTERPRET")  # the kernel would need a GPU
+    with pytest.raises(UsageError, match="--use_kernel=on needs a CUDA device"):
+        train.main(tiny_run(shards, out, "--use_kernel=on"))
 
 
-def test_ddp_two_processes_match_one(shards, tmp_path):
-    """2 gloo processes x 1 micro-batch each == 1 process x 2 micro-batches: same global batch, same loss."""
-    args = ["--ffn=switch", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=2", "--device=cpu"]
-    train.main(tiny_run(shards, tmp_path / "one", *args))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny_run(shards, tmp_path / "two", *args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    one = [r for r in read_log(tmp_path / "one") if "loss" in r]
-    two = [r for r in read_log(tmp_path / "two") if "loss" in r]
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-6
-    assert abs(read_log(tmp_path / "one")[-1]["val_loss"] - read_log(tmp_path / "two")[-1]["val_loss"]) < 1e-5
+def test_one_line_error_and_exit_status_2(shards, tmp_path):
+    root = Path(__file__).parent
+    for script, argv, words in [("train.py", tiny_run(shards, tmp_path, "--eval_iters=0"),
+                                 "--eval_iters=0"),
+                                ("sample.py", ["--top_k=-5"], "--top_k=-5")]:
+        res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
+                             cwd=root)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and words in res.stderr
+        assert res.stderr.count("\n") == 1, res.stderr
 
 
-# ----------------------------------------------------------------------------- HellaSwag
+# ---- checkpoints, out_dir and resume
 
+def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
+    ckpt = trained(shards, tmp_path / "out")
+    raw = ckpt.read_bytes()
+    assert load_checkpoint(ckpt)["iter_num"] == 2
+    middle = len(raw) // 2
+    damages = {"7 bytes overwritten": raw[:middle] + b"\xff" * 7 + raw[middle + 7:],
+               "truncated": raw[:middle], "empty": b""}
+    readers = {"resume": lambda: train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
+                                                     "--max_iters=4")),
+               "eval_only": lambda: train.main(tiny_run(shards, tmp_path / "out",
+                                                        "--init_from=resume", "--eval_only")),
+               "sample": lambda: sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!"])}
+    for damage, data in damages.items():
+        ckpt.write_bytes(data)
+        for reader, call in readers.items():
+            with pytest.raises(UsageError, match=str(ckpt)):
+                call()
+        assert ckpt.read_bytes() == data, damage  # refused, not overwritten
+
+
+def test_scratch_run_never_overwrites_a_checkpoint(shards, tmp_path):
+    ckpt = trained(shards, tmp_path / "out")
+    before = ckpt.read_bytes()
+    with pytest.raises(UsageError, match="--init_from=resume.*--overwrite"):
+        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=2", "--eval_interval=2"))
+    assert ckpt.read_bytes() == before
+    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=3", "--eval_interval=3",
+                        "--overwrite"))
+    assert load_checkpoint(ckpt)["iter_num"] == 3
+    # the old log is gone
+    assert [r["step"] for r in read_log(tmp_path / "out") if "loss" in r] == [1, 2, 3]
+
+
+def test_out_dir_lock_refuses_a_live_run_and_not_a_killed_one(shards, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(120)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UsageError, match="is in use by another run"):
+            train.main(tiny_run(shards, out, "--max_iters=1"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    (out / "ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")  # as a killed run leaves it
+    train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1"))
+    assert (load_checkpoint(out / "ckpt.pt")["iter_num"] == 1
+            and not (out / "ckpt.pt.4242.tmp").exists())
+
+
+def test_resume_past_max_iters_stops_with_an_error(shards, tmp_path):
+    trained(shards, tmp_path / "out")
+    for max_iters in (1, 2):
+        with pytest.raises(UsageError, match=f"at step 2 and --max_iters={max_iters}"):
+            train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
+                                f"--max_iters={max_iters}"))
+
+
+def test_resume_takes_the_checkpoints_settings(shards, tmp_path, capsys):
+    """Resumed with only --out_dir, --init_from and --max_iters, a run continues bit-identically:
+    data_dir, batch, schedule and model come from the checkpoint (the defaults would read
+    data/sample, and fail)."""
+    common = ["--ffn=inf", "--eval_interval=2", "--lr_decay_iters=4", "--eval_iters=3"]
+    train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=4"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=2"))
+    capsys.readouterr()
+    # the checkpoint's RNG state is restored: the seed changes nothing
+    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=4",
+                "--z_samples=2", "--seed=7"])
+    printed = capsys.readouterr().out
+    assert "settings that differ from the checkpoint's: max_iters 2 -> 4, seed 1337 -> 7" in printed
+    full, resumed = ([(r["step"], r.get("loss"), r.get("val_loss"))
+                      for r in read_log(tmp_path / run)]
+                     for run in "ab")
+    assert resumed == full  # steps 3 and 4 bit-identical
+    saved = train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--eval_only",
+                        "--z_deterministic"])
+    given = train.main(tiny_run(shards, tmp_path / "a", *common, "--init_from=resume",
+                                "--eval_only", "--z_deterministic"))
+    assert saved["val_loss"] == given["val_loss"]  # the saved data_dir, eval_iters, batch and model
+
+
+def test_resume_refuses_changes_that_make_another_run(shards, tmp_path):
+    out = tmp_path / "out"
+    trained(shards, out)
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    for flag, words in [(f"--data_dir={other}", f"--data_dir={shards}"),
+                        ("--batch_size=2", "--batch_size=4"),
+                        ("--learning_rate=1e-2", "--learning_rate=0.003"),
+                        ("--d_z=4", "--d_z=8")]:
+        with pytest.raises(UsageError, match="was trained with " + words):
+            train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", flag])
+    # scoring: fine
+    train.main([f"--out_dir={out}", "--init_from=resume", "--eval_only", f"--data_dir={other}"])
+    train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", f"--data_dir={other}",
+                "--allow_changes"])
+    assert load_checkpoint(out / "ckpt.pt")["config"]["data_dir"] == str(other)
+
+
+def test_resume_with_remade_shards_is_an_error(shards, tmp_path):
+    out = tmp_path / "out"
+    # 2 x 1024 tokens read
+    trained(shards, out, "--batch_size=16", "--block_size=64", "--eval_iters=1")
+    write_llmc_shard(shards / "syn_train_000001.bin", np.arange(1500) % 97)  # remade, shorter
+    with pytest.raises(UsageError, match="stopped at train shard 0, token 2048.*remade"):
+        train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
+
+
+def test_log_holds_each_step_once_after_a_resume(shards, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--max_iters=4", "--eval_interval=2"))
+    # as a run killed after its last checkpoint leaves the log
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "loss"')
+    train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 2, 4, 6]
+    assert 9.0 not in [r["loss"] for r in log if "loss" in r]
+
+
+# ---- HellaSwag scoring
 
 V = 50257
 
 
 class Bigram(nn.Module):
-    """Fake GPT whose next-token distribution depends only on the current token: a few hand-set rows
-    {current: {next: p}}, the rest of each row's mass spread evenly; unlisted tokens predict uniformly.
-    Its logits are exact log-probabilities, so every log-likelihood can be worked out by hand."""
+    """Fake GPT whose next-token distribution depends only on the current token: a few hand-set
+    rows {current: {next: p}}, the rest of each row's mass spread evenly; unlisted tokens predict
+    uniformly. Its logits are exact log-probabilities, so every log-likelihood can be worked out by
+    hand."""
 
     def __init__(self, rows, block_size=64):
         super().__init__()
@@ -751,7 +1093,8 @@ def test_hand_worked_acc_and_acc_norm():
     want_total = torch.tensor([math.log(0.3), 3 * math.log(0.5), math.log(0.05), math.log(0.05)])
     # float32 log-softmax over 50257 logits is good to ~1e-4; the endings differ by > 0.5
     torch.testing.assert_close(total, want_total, rtol=0, atol=1e-3)
-    torch.testing.assert_close(mean, want_total / torch.tensor([1.0, 3.0, 1.0, 1.0]), rtol=0, atol=1e-3)
+    torch.testing.assert_close(mean, want_total / torch.tensor([1.0, 3.0, 1.0, 1.0]), rtol=0,
+                               atol=1e-3)
 
     # labels 1, 1, 0, 2: acc right only on the third (1/4), acc_norm on the first two (2/4)
     ctxs = ["It rained.", "Once upon a time.", "He sat down.", "The end."]
@@ -762,18 +1105,21 @@ def test_hand_worked_acc_and_acc_norm():
     assert model.training  # train mode restored
 
     # two ranks see disjoint halves whose counts add up to the whole
-    parts = [hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False, rank=k, world=2) for k in (0, 1)]
+    parts = [hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False, rank=k, world=2)
+             for k in (0, 1)]
     assert [p["n"] for p in parts] == [2, 2]
     assert sum(p["correct"] for p in parts) == 1 and sum(p["correct_norm"] for p in parts) == 2
 
 
 def test_render_example():
     enc = get_tokenizer()
-    ex = {"ctx": "the cat sat on the", "endings": ["mat.", "a long ending of several tokens", "x", "y"], "label": 0}
+    ex = {"ctx": "the cat sat on the",
+          "endings": ["mat.", "a long ending of several tokens", "x", "y"], "label": 0}
     tokens, mask, label = render_example(ex, enc)
     ctx = enc.encode_ordinary(ex["ctx"])
     assert label == 0 and tokens.shape == mask.shape == (4, len(ctx) + 6)
-    assert tokens[0, :len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" mat.")  # ending after a space
+    # ending after a space
+    assert tokens[0, :len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" mat.")
     assert mask.sum(1).tolist() == [2, 6, 1, 1] and mask[:, :len(ctx)].sum() == 0
     assert tokens[0, len(ctx) + 2:].tolist() == [EOT] * 4  # right padding, masked out
 
@@ -788,10 +1134,11 @@ def test_padding_invariance(ffn):
     model = tiny_model(ffn, vocab_size=V, block_size=64).eval()
     model.set_sampling(z_deterministic=True)  # ∞-MoE: z = mu, so two forwards are comparable
     enc = get_tokenizer()
-    short = render_example({"ctx": "A man walks", "endings": ["in.", "out of the house.", "up", "away"],
-                            "label": 0}, enc)
-    longer = [render_example({"ctx": "A much longer context " * k, "endings": ["one", "two", "three", "four"],
-                              "label": 1}, enc) for k in (3, 6)]
+    short = render_example({"ctx": "A man walks",
+                            "endings": ["in.", "out of the house.", "up", "away"], "label": 0}, enc)
+    longer = [render_example({"ctx": "A much longer context " * k,
+                              "endings": ["one", "two", "three", "four"], "label": 1}, enc)
+              for k in (3, 6)]
     alone = score_endings(model, short[0], short[1], nullcontext())
     tokens, mask, labels = collate([longer[0], short, longer[1]])
     assert tokens.size(1) > short[0].size(1) and labels.tolist() == [1, 0, 1]
@@ -803,34 +1150,15 @@ def test_padding_invariance(ffn):
 def test_truncation_to_block_size():
     model = tiny_model(vocab_size=V)
     ex = {"ctx": "a very long context that does not fit " * 5, "endings": ENDINGS, "label": 1}
-    r = hellaswag_eval(model, [ex, ex], "cpu", nullcontext(), progress=False)  # would raise if T > block_size
+    # would raise if T > block_size
+    r = hellaswag_eval(model, [ex, ex], "cpu", nullcontext(), progress=False)
     assert r["n"] == 2
 
 
-# six examples whose right ending continues a pattern the context shows; the wrong endings are the other
-# examples' right endings, so all four are equally familiar and only the context tells them apart
-FIXTURE = [
-    ("the cat sat on the mat. the cat sat on the", "mat."),
-    ("one two three four. one two three", "four."),
-    ("red green blue. red green", "blue."),
-    ("alpha beta gamma delta. alpha beta gamma", "delta."),
-    ("I like apples and pears. I like apples and", "pears."),
-    ("the sun rises in the east. the sun rises in the", "east."),
-]
-
-
-def write_fixture(path):
-    with open(path, "w") as f:
-        for i, (ctx, right) in enumerate(FIXTURE):
-            wrong = [FIXTURE[(i + k) % len(FIXTURE)][1] for k in (1, 2, 3)]
-            label = i % 4
-            endings = wrong[:label] + [right] + wrong[label:]
-            f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
-
-
 def test_inf_sampling_knobs(tmp_path, monkeypatch):
-    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu), and the
-    counts equal a by-hand scoring of the same forward: argmax of summed / mean log-likelihood."""
+    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu), and
+    the counts equal a by-hand scoring of the same forward: argmax of summed / mean
+    log-likelihood."""
     path = tmp_path / "hs.jsonl"
     write_fixture(path)
     examples = load_hellaswag(str(path))
@@ -848,14 +1176,587 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
         assert seen_K == [1 if deterministic else K] * 2  # one forward, both layers
         torch.set_rng_state(rng)  # the same noise again, scored by hand
         tokens, mask, labels = collate([render_example(ex, enc, 64) for ex in examples])
-        logp = torch.log_softmax(net(tokens, tokens)[0][:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        logp = torch.log_softmax(net(tokens, tokens)[0][:, :-1], -1).gather(
+            -1, tokens[:, 1:, None])[..., 0]
         m = mask[:, 1:]
         total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
         assert r["correct"] == (total.argmax(1) == labels).sum().item()
         assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
-    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1, progress=False) == r  # z = mu:
-    # reproducible, whatever the batching
+    # z = mu: reproducible, whatever the batching
+    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1,
+                          progress=False) == r
 
+
+def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
+    """`train.py --eval_only --init_from=resume --hellaswag` on a checkpoint: acc and acc_norm
+    printed and logged."""
+    out, fixture = tmp_path / "out", tmp_path / "hs.jsonl"
+    write_fixture(fixture)
+    run = lambda *a: train.main([x for x in tiny_run(shards, out, *a)
+                                 if not x.startswith("--vocab_size")])
+    run("--ffn=top2", "--max_iters=2", "--eval_interval=2")  # full GPT-2 vocabulary
+    record = run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={fixture}",
+                 "--hellaswag_limit=4", "--moe_top_k=1")
+    assert (record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1
+            and record["moe_top_k"] == 1)
+    assert "hellaswag acc" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
+        run("--init_from=resume", "--eval_only", "--hellaswag",
+            f"--hellaswag_path={tmp_path / 'none.jsonl'}")
+
+
+# ====================================================================== sample.py
+
+def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2"))
+    prompt = "!"  # GPT-2 id 0: inside the tiny model's 97-token vocabulary
+    texts = sample.main([f"--out_dir={out}", f"--start={prompt}", "--num_samples=2",
+                         "--max_new_tokens=5", "--z_samples=3"])
+    assert len(texts) == 2 and all(t.startswith(prompt) and len(t) > len(prompt) for t in texts)
+    with pytest.raises(ValueError, match="vocab_size 97"):
+        sample.main([f"--out_dir={out}", "--start=Hello"])
+    with pytest.raises(UsageError, match="no checkpoint"):
+        sample.main([f"--out_dir={tmp_path / 'nowhere'}"])
+
+
+def test_bad_sample_options(tmp_path, no_model):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cases = [
+        (["--temperature=-1"], "--temperature=-1.0: must be >= 0"),
+        (["--top_k=-5"], "--top_k=-5"),
+        (["--num_samples=0"], "--num_samples=0"),
+        (["--dtype=float16"], "--dtype=float16"),
+        (["--device=cuda"], "--device=cuda"),
+        (["--out_dir"], "--out_dir needs a value"),
+        ([f"--start=FILE:{tmp_path}"], f"--start=FILE:{tmp_path}: Is a directory"),
+        ([f"--start=FILE:{tmp_path / 'latin1.txt'}"], "latin1.txt: not UTF-8"),
+        ([f"--start=FILE:{tmp_path / 'missing.txt'}"], "missing.txt: No such file"),
+        ([f"--out_dir={tmp_path}"], f"no checkpoint at {tmp_path / 'ckpt.pt'}"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(UsageError) as err:
+            sample.main(argv)
+        assert words in str(err.value), (argv, str(err.value))
+
+
+def test_sample_keeps_the_checkpoints_z_deterministic(shards, tmp_path, monkeypatch):
+    trained(shards, tmp_path / "out", "--z_deterministic")
+    seen, generate = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate",
+                        lambda self, *a, **k: seen.append(self.config.z_deterministic)
+                        or generate(self, *a, **k))
+    for argv in ([], ["--z_deterministic=false"]):
+        sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!", "--num_samples=1",
+                     "--max_new_tokens=2", *argv])
+    assert seen == [True, False]
+
+
+# ====================================================================== prepare_fineweb.py
+
+# ---- tokenizer, input formats and shards
+
+# 4 documents of the bundled sample's public-domain text
+TEXTS = REPO / "data" / "fixture_texts.jsonl"
+
+
+# 2K-14K characters each
+SHORT_DOCS = ["phoenix_and_the_turtle", "passionate_pilgrim", "lovers_complaint"]
+
+
+def real_docs():
+    """A few real documents, in file order, plus edge cases a tokenizer pipeline could get wrong."""
+    docs = [r["text"] for r in map(json.loads, TEXTS.open(encoding="utf-8"))
+            if r["id"] in SHORT_DOCS]
+    assert len(docs) == len(SHORT_DOCS)
+    # many short documents too (the stanzas of one poem), so tokenising takes many parallel tasks;
+    # an empty document, and one with the EOT marker as plain text (must not become 50256)
+    return (docs + [p for p in docs[1].split("\n\n") if p][:40]
+            + ["", "naïve café <|endoftext|> ✓ 日本語\n\n"])
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)),
+                    encoding="utf-8")
+    return path
+
+
+def read_shard_independently(path):
+    """llm.c's format, read without prepare_fineweb: 256 int32 header, then uint16 tokens."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+    assert os.path.getsize(path) == 256 * 4 + 2 * int(header[2])
+    return np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+
+
+def check_shards(out_dir, prefix, shard_size, docs, val_size=None):
+    names = sorted(p.name for p in Path(out_dir).iterdir() if p.name != "manifest.json")
+    expected_names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin"
+                                                     for i in range(1, len(names))]
+    assert names == sorted(expected_names)  # no .tmp files left either
+    shards = [read_shard_independently(Path(out_dir) / n) for n in expected_names]
+    assert len(shards[0]) == (val_size or shard_size)
+    assert all(len(s) == shard_size for s in shards[1:-1]) and 0 < len(shards[-1]) <= shard_size
+    check_manifest(out_dir, expected_names, shards)
+    tokens = np.concatenate(shards)
+    enc = get_tokenizer()
+    expected = np.concatenate([[EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
+    np.testing.assert_array_equal(tokens, expected)
+    # decode: every document comes back exactly, in order, each preceded by EOT
+    assert tokens[0] == EOT
+    starts = np.flatnonzero(tokens == EOT)
+    assert len(starts) == len(docs)
+    ends = list(starts[1:]) + [len(tokens)]
+    assert [enc.decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)] == docs
+
+
+def check_manifest(out_dir, names, shards):
+    """manifest.json marks the dataset complete and lists each shard, its size and where its last
+    document stands (documents begun so far = EOTs so far; tokens of the last one since its EOT)."""
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert ([(s["name"], s["tokens"]) for s in manifest["shards"]]
+            == [(n, len(t)) for n, t in zip(names, shards)])
+    tokens = np.concatenate(shards)
+    for s, end in zip(manifest["shards"], np.cumsum([len(t) for t in shards])):
+        eots = np.flatnonzero(tokens[:end] == EOT)
+        assert (s["docs"], s["tail"]) == (len(eots), end - eots[-1])
+
+
+def run_main_error(argv):
+    with pytest.raises(SystemExit) as e:
+        prepare_fineweb.main(argv)
+    return str(e.value)
+
+
+def test_tokenizer_known_ids_offline(tmp_path):
+    assert get_tokenizer() is get_tokenizer()  # cached
+    assert get_tokenizer().encode_ordinary("hello world") == [31373, 995]
+    assert get_tokenizer().encode("<|endoftext|>", allowed_special="all") == [EOT]
+    # a fresh process, no TIKTOKEN_CACHE_DIR, no usable network, an empty temp dir: loads from
+    # data/tiktoken/
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
+           and k.lower() not in ("no_proxy", "all_proxy")}
+    env.update({k: "http://127.0.0.1:9"
+                for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    # tiktoken's default cache lives under the temp dir: make it an empty one
+    env["TMPDIR"] = str(tmp_path)
+    code = ("import os; from prepare_fineweb import get_tokenizer as g; "
+            "print(g().encode_ordinary('hello world'), 'TIKTOKEN_CACHE_DIR' in os.environ)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # and the user's environment is left as it was
+    assert r.stdout.split("\n")[0] == "[31373, 995] False"
+
+
+def test_round_trip_real_text(tmp_path, monkeypatch):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    # many small tasks (> the in-flight window): order must hold
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)
+    paths = prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "a"),
+                                  "--prefix", "t", "--shard_size", "1000", "--workers", "2"])
+    assert (len(paths) > 3 and Path(paths[0]).name == "t_val_000000.bin"
+            and Path(paths[-1]).name == f"t_train_{len(paths) - 1:06d}.bin")
+    check_shards(tmp_path / "a", "t", 1000, docs)
+    assert (shard_paths(tmp_path / "a", "val") == [paths[0]]
+            and shard_paths(tmp_path / "a", "train") == paths[1:])
+    for p in paths:
+        np.testing.assert_array_equal(load_shard(p), read_shard_independently(p))
+
+
+def test_cli_subprocess(tmp_path):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    cmd = [sys.executable, str(REPO / "prepare_fineweb.py"), "--input", str(src),
+           "--out_dir", str(tmp_path / "b"), "--shard_size", "777", "--workers", "1"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    check_shards(tmp_path / "b", "docs", 777, docs)  # default prefix: the input file's stem
+    # a user error: non-zero exit, one clear line naming the file, no traceback
+    r = subprocess.run(cmd[:3] + [str(tmp_path / "nope.jsonl")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_local_formats(tmp_path):
+    # .txt is one whole document; .json holds a list; .jsonl one object per line; all in argument
+    # order
+    (tmp_path / "a.txt").write_text("First line.\n\nSecond paragraph.\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "json one"}, {"text": "json two"}]),
+                                     encoding="utf-8")
+    write_jsonl(tmp_path / "c.jsonl", ["jsonl one", "jsonl two"])
+    docs = ["First line.\n\nSecond paragraph.\n", "json one", "json two", "jsonl one", "jsonl two"]
+    prepare_fineweb.main(["--input"] + [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jsonl")]
+         + ["--out_dir", str(tmp_path / "out"), "--prefix", "f", "--shard_size", "5",
+            "--workers", "2"])
+    check_shards(tmp_path / "out", "f", 5, docs)
+
+
+def test_parquet(tmp_path):
+    docs = ["parquet one", "parquet two", "three"]
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), tmp_path / "d.parquet")
+    prepare_fineweb.main(["--input", str(tmp_path / "d.parquet"),
+                          "--out_dir", str(tmp_path / "out"),
+                          "--shard_size", "4", "--workers", "1"])
+    check_shards(tmp_path / "out", "d", 4, docs)
+    pq.write_table(pa.table({"body": docs}), tmp_path / "nocol.parquet")
+    msg = run_main_error(["--input", str(tmp_path / "nocol.parquet"),
+                          "--out_dir", str(tmp_path / "out2")])
+    assert "nocol.parquet" in msg and "text" in msg
+
+
+def test_bad_shards(tmp_path):
+    good = tmp_path / "x_train_000001.bin"
+    write_shard(str(good), np.arange(100, dtype=np.uint16))
+    data = good.read_bytes()
+    assert not (tmp_path / "x_train_000001.bin.tmp").exists()
+    cases = {"truncated": data[:-2], "too short": data[:100], "magic": b"\0" * 4 + data[4:],
+             "version": data[:4] + np.int32(2).tobytes() + data[8:]}
+    for what, content in cases.items():
+        bad = tmp_path / f"bad_{what.replace(' ', '_')}.bin"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=what) as e:
+            load_shard(str(bad))
+        assert str(bad) in str(e.value)
+    with pytest.raises(AssertionError):
+        write_shard(str(tmp_path / "big.bin"), np.array([70000]))
+    with pytest.raises(FileNotFoundError) as e:
+        shard_paths(str(tmp_path / "nothing"), "val")
+    assert ("nothing" in str(e.value) and "val" in str(e.value)
+            and "prepare_fineweb.py" in str(e.value))
+
+
+def test_small_input_keeps_most_for_training(tmp_path, capsys):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "mine.jsonl", docs)
+    total = sum(1 + len(get_tokenizer().encode_ordinary(d)) for d in docs)
+    # the README's example on a small file, default --shard_size (100M): 10% val, the rest one train
+    # shard
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "mine"),
+                          "--workers", "2"])
+    assert f"{total // 10:,} go to validation" in capsys.readouterr().out
+    check_shards(tmp_path / "mine", "mine", 10**8, docs, val_size=total // 10)
+    info = check_dataset(str(tmp_path / "mine"), 50257)
+    assert [n for _, n in info["train"]] == [total - total // 10]
+    # smaller than val + one train shard: the rest after 10% val is cut into shards as usual
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "s"), "--workers", "2",
+                          "--val_tokens", str(total), "--shard_size", str(total // 3)])
+    check_shards(tmp_path / "s", "mine", total // 3, docs, val_size=total // 10)
+    # a big enough input: val is exactly --val_tokens
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "v"), "--workers", "2",
+                          "--val_tokens", "700", "--shard_size", "1000"])
+    check_shards(tmp_path / "v", "mine", 1000, docs, val_size=700)
+    # the README's example then trains: train.py finds train and val shards there
+    train.main([f"--data_dir={tmp_path / 'mine'}", f"--out_dir={tmp_path / 'out'}", "--n_layer=1",
+                "--n_head=2", "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=2",
+                "--eval_iters=1", "--max_iters=1", "--eval_interval=1"])
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+    # one token cannot be split
+    (tmp_path / "one.jsonl").write_text('{"text": ""}\n')
+    msg = run_main_error(["--input", str(tmp_path / "one.jsonl"),
+                          "--out_dir", str(tmp_path / "one")])
+    assert "1 tokens" in msg and "too few" in msg
+
+
+# ---- manifest and check_dataset
+
+check_dataset = prepare_fineweb.check_dataset
+
+
+def shard_files(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
+
+
+def manifest_of(out_dir):
+    return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+
+def test_check_dataset_accepts_the_bundled_sample():
+    info = check_dataset(str(REPO / "data" / "sample"), 50257)
+    assert info["manifest"] is True and len(info["val"]) == 1 and len(info["train"]) == 7
+    for path, n in info["val"] + info["train"]:
+        tokens = read_shard_independently(path)
+        assert n == len(tokens) and tokens.max() < 50257
+    assert sum(n for _, n in info["val"] + info["train"]) == 1_848_677  # the README's 1.85M tokens
+
+
+@pytest.mark.parametrize("damage, names, message", [
+    ("token_id", "syn_train_000002.bin", "token id 97 is out of range for vocab_size 97"),
+    ("truncated", "syn_train_000002.bin", "truncated"),
+    ("magic", "syn_val_000000.bin", "magic"),
+    ("empty", "syn_train_000001.bin", "0 tokens"),
+    ("incomplete", "manifest.json", "incomplete"),
+    ("unlisted", "syn_train_000003.bin", "not part of the dataset"),
+    ("missing", "syn_train_000002.bin", "listed in"),
+    ("resized", "syn_train_000001.bin", "lists 7000"),
+    ("bad_manifest", "manifest.json", "unreadable manifest"),
+    ("no_train", "", "no train shards"),  # names the directory
+])
+def test_check_dataset_names_the_file(shards, damage, names, message):
+    listing = [("syn_val_000000.bin", 4000), ("syn_train_000001.bin", 7000),
+               ("syn_train_000002.bin", 8993)]
+    info = check_dataset(str(shards), 97)  # the fixture's shards, written by an independent writer
+    assert info == {"train": [(str(shards / n), k) for n, k in listing[1:]],
+                    "val": [(str(shards / listing[0][0]), 4000)], "manifest": False}
+    manifest = {"complete": True, "shards": [{"name": n, "tokens": k} for n, k in listing]}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert check_dataset(str(shards), 97)["manifest"] is True
+    last = shards / "syn_train_000002.bin"
+    if damage == "token_id":
+        write_llmc_shard(last, np.r_[np.zeros(50, int), 97, np.zeros(8942, int)])
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[:-1])
+    elif damage == "magic":
+        path = shards / "syn_val_000000.bin"
+        path.write_bytes(b"\1" + path.read_bytes()[1:])
+    elif damage == "empty":
+        write_llmc_shard(shards / "syn_train_000001.bin", [])
+        manifest["shards"][1]["tokens"] = 0
+    elif damage == "incomplete":
+        manifest["complete"] = False
+    elif damage == "unlisted":
+        write_llmc_shard(shards / "syn_train_000003.bin", [1, 2, 3])
+    elif damage == "missing":
+        last.unlink()
+    elif damage == "resized":
+        write_llmc_shard(shards / "syn_train_000001.bin", np.zeros(6999, int))
+    elif damage == "no_train":
+        for path in shards.glob("*_train_*"):
+            path.unlink()
+    (shards / "manifest.json").write_text(
+        "{not json" if damage == "bad_manifest" else json.dumps(manifest))
+    with pytest.raises(DataError, match=message) as e:
+        check_dataset(str(shards), 97)
+    assert str(shards / names) in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- bad input
+
+def test_bad_input(tmp_path):
+    out = ["--out_dir", str(tmp_path / "out"), "--workers", "2"]
+    (tmp_path / "empty.jsonl").write_text("")
+    msg = run_main_error(["--input", str(tmp_path / "empty.jsonl")] + out)
+    assert "empty.jsonl" in msg and "no documents" in msg
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt" in run_main_error(["--input", str(tmp_path / "empty.txt")] + out)
+    (tmp_path / "notext.jsonl").write_text('{"text": "fine"}\n'
+                                           '{"id": 7, "content": "no text field"}\n')
+    msg = run_main_error(["--input", str(tmp_path / "notext.jsonl")] + out)
+    assert "notext.jsonl" in msg and "line 2" in msg and "text" in msg
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    msg = run_main_error(["--input", str(tmp_path / "broken.jsonl")] + out)
+    assert "broken.jsonl" in msg and "line 2" in msg
+    assert "missing.jsonl" in run_main_error(["--input", str(tmp_path / "missing.jsonl")] + out)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage\x80")
+    assert "binary.txt" in run_main_error(["--input", str(tmp_path / "binary.txt")] + out)
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    assert "data.csv" in run_main_error(["--input", str(tmp_path / "data.csv")] + out)
+
+
+def test_json_and_utf8_errors_name_the_line(tmp_path):
+    out = ["--out_dir", str(tmp_path / "out"), "--workers", "1"]
+    cases = {"list.json": (b'[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n',
+                           "line 4: invalid JSON"),
+             "lines.json": (b'{"text": "a"}\n{"text": "b"}\n{"text": \n', "line 3: invalid JSON"),
+             "bytes.jsonl": (b'{"text": "a"}\n{"text": "b\xff"}\n', "line 2: not UTF-8"),
+             "bytes.txt": (b"one\ntwo\n\xc3(\n", "line 3: not UTF-8")}
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        msg = run_main_error(["--input", str(tmp_path / name)] + out)
+        assert f"{tmp_path / name}, {expected}" in msg and "\n" not in msg
+    # JSON lines named .json still work
+    (tmp_path / "ok.json").write_bytes(b'{"text": "a"}\n{"text": "b"}\n')
+    prepare_fineweb.main(["--input", str(tmp_path / "ok.json"), "--shard_size", "2"] + out)
+    check_shards(tmp_path / "out", "ok", 2, ["a", "b"])
+
+
+def test_bad_last_line_leaves_the_dataset_incomplete(tmp_path, monkeypatch, capsys):
+    # small tasks: shards are written before the error
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)
+    docs = real_docs()
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + '{"text": "cut off',
+                   encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--input", str(src), "--out_dir", str(out), "--shard_size", "1000", "--workers", "2"]
+    msg = run_main_error(argv)
+    assert msg.count("\n") == 0 and f"{src}, line {len(docs) + 1}: invalid JSON" in msg
+    assert len(list(out.glob("docs_train_*.bin"))) > 3  # finished shards on disk, but...
+    assert manifest_of(out)["complete"] is False
+    with pytest.raises(DataError, match="incomplete"):
+        check_dataset(str(out), 50257)
+    # fixed input: another file (size, mtime), so the unfinished run's shards are redone from the
+    # start
+    write_jsonl(src, docs)
+    capsys.readouterr()
+    prepare_fineweb.main(argv)
+    assert "starting over" in capsys.readouterr().out
+    check_shards(out, "docs", 1000, docs)
+    check_dataset(str(out), 50257)
+    # the dataset is complete now: another input or setting never silently replaces it
+    msg = run_main_error(argv[:-4] + ["--shard_size", "2000", "--workers", "2"])
+    assert str(out) in msg and "shard_size" in msg and "delete" in msg
+    write_jsonl(src, docs[:-1])
+    assert "source" in run_main_error(argv)
+    check_shards(out, "docs", 1000, docs)
+
+
+def test_prepare_bad_options_write_nothing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text("some text")
+    base = ["--input", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "out")]
+    for flag, value in (("--shard_size", "0"), ("--val_tokens", "-5"),
+                        ("--shard_size", str(2**31))):
+        with pytest.raises(SystemExit):
+            prepare_fineweb.main(base + [flag, value])
+        assert flag in capsys.readouterr().err
+    for prefix in ("a_val", "x/y", "my_train_set"):
+        assert "--prefix" in run_main_error(base + ["--prefix", prefix])
+    assert not (tmp_path / "out").exists()  # nothing written for a bad command
+    (tmp_path / "file").write_text("not a directory")
+    msg = run_main_error(base[:2] + ["--out_dir", str(tmp_path / "file")])
+    assert str(tmp_path / "file") in msg and "\n" not in msg
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
+    monkeypatch.chdir(tmp_path)
+    assert "pip install datasets" in run_main_error([])
+    assert not (tmp_path / "data").exists()
+
+
+# ---- resume
+
+def test_resume(tmp_path, capsys):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    argv = ["--input", str(src), "--out_dir", str(tmp_path / "r"), "--prefix", "r",
+            "--shard_size", "1500", "--workers", "2"]
+    paths = prepare_fineweb.main(argv)
+    assert len(paths) >= 5
+    files = sorted((tmp_path / "r").iterdir())
+    original = {f: f.read_bytes() for f in files}
+    stat = lambda f: (os.stat(f).st_mtime_ns, os.stat(f).st_ino)
+    before = {f: stat(f) for f in files}
+    # a rerun of a complete dataset, same inputs and settings: says so, writes nothing
+    capsys.readouterr()
+    assert prepare_fineweb.main(argv) == paths
+    assert "already complete" in capsys.readouterr().out
+    assert {f: stat(f) for f in files} == before
+    # damage after the fact: shard 2 truncated, the last shard gone (and a stray .tmp):
+    # shards 0 and 1 are kept untouched, the rest written again, identical to the first run
+    Path(paths[2]).write_bytes(original[Path(paths[2])][:-10])
+    Path(paths[3] + ".tmp").write_bytes(b"half a shard")
+    os.remove(paths[-1])
+    assert prepare_fineweb.main(argv) == paths
+    assert "resuming: 2 finished shards kept" in capsys.readouterr().out
+    assert all(stat(paths[i]) == before[Path(paths[i])] for i in (0, 1))
+    assert {f: f.read_bytes() for f in sorted((tmp_path / "r").iterdir())
+            if f.suffix != ".tmp"} == original
+    check_shards(tmp_path / "r", "r", 1500, docs)
+
+
+def crash_after(monkeypatch, n_shards):
+    """Make the n+1-th shard write die half way, as a kill would: a partial .tmp, no manifest
+    update."""
+    write, calls = prepare_fineweb.write_shard, [0]
+
+    def dying_write(path, tokens):
+        calls[0] += 1
+        if calls[0] > n_shards:
+            Path(path + ".tmp").write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+        write(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", dying_write)
+
+
+def test_killed_run_resumes_to_the_same_shards(tmp_path, monkeypatch, capsys):
+    docs = real_docs()
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    argv = lambda d: ["--input", str(src), "--out_dir", str(tmp_path / d), "--shard_size", "1200",
+                      "--workers", "2"]
+    prepare_fineweb.main(argv("whole"))
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_fineweb.main(argv("killed"))
+    assert [s["name"] for s in manifest_of(tmp_path / "killed")["shards"]] == \
+        ["docs_val_000000.bin", "docs_train_000001.bin", "docs_train_000002.bin"]
+    kept = np.concatenate([read_shard_independently(tmp_path / "whole" / f"docs_{s}.bin")
+                           for s in ("val_000000", "train_000001", "train_000002")])
+    capsys.readouterr()
+    prepare_fineweb.main(argv("killed"))
+    # whole documents before the one the 3rd shard ends in
+    skipped = np.count_nonzero(kept == EOT) - 1
+    assert (f"resuming: 3 finished shards kept; their {skipped:,} whole documents are skipped"
+            in capsys.readouterr().out)
+    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")  # manifest included
+
+
+# ---- Hugging Face datasets
+
+def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
+    # no network here: a stand-in `datasets` module records the call and streams rows like FineWeb's
+    import types
+    calls = []
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": "row one", "id": "a"}, {"text": "row two", "id": "b"}])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.chdir(tmp_path)
+    prepare_fineweb.main(["--dataset", "fineweb-edu", "--subset", "sample-100BT",
+                          "--shard_size", "3", "--workers", "2"])
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
+    check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
+
+
+def test_hugging_face_resume_skips_finished_documents(tmp_path, monkeypatch):
+    # FineWeb's stand-in streams documents; the resumed run streams different text for the documents
+    # the finished shards hold: the result equals one uninterrupted run only if those are not
+    # re-tokenised
+    import types
+    docs = real_docs()
+    stream = [docs]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: iter([{"text": d} for d in stream[0]])))
+    argv = lambda d: ["--out_dir", str(tmp_path / d), "--shard_size", "1200", "--workers", "2"]
+    prepare_fineweb.main(argv("whole"))
+    with monkeypatch.context() as m:
+        crash_after(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_fineweb.main(argv("killed"))
+    skipped = manifest_of(tmp_path / "killed")["shards"][-1]["docs"] - 1
+    assert skipped >= 3
+    stream[0] = ["never tokenised"] * skipped + docs[skipped:]
+    prepare_fineweb.main(argv("killed"))
+    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")
+
+
+def test_hugging_face_offline_is_one_line_and_leaves_no_complete_dataset(tmp_path, monkeypatch):
+    import types
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub "
+                              "(LocalEntryNotFoundError)")
+
+    def drops_mid_stream(*a, **k):
+        yield from ({"text": f"row {i} " * 50} for i in range(20))
+        raise TimeoutError("read timed out")
+
+    # small tasks: shards are written before the error
+    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)
+    out = ["--out_dir", str(tmp_path / "fw"), "--shard_size", "300", "--workers", "1"]
+    for load, error in ((offline, "ConnectionError"), (drops_mid_stream, "TimeoutError")):
+        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
+        msg = run_main_error(out)
+        assert (msg.count("\n") == 0 and "HuggingFaceFW/fineweb (sample-10BT)" in msg
+                and error in msg)
+        assert "--input" in msg and ".parquet" in msg
+    assert (manifest_of(tmp_path / "fw")["complete"] is False
+            and len(manifest_of(tmp_path / "fw")["shards"]) > 2)
+
+
+# ---- HellaSwag files
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nowhere" / "hellaswag_val.jsonl")
@@ -877,7 +1778,8 @@ def test_download_unreachable(tmp_path):
 def test_download_existing_file_is_kept(tmp_path):
     path = tmp_path / "hellaswag_val.jsonl"
     write_fixture(path)
-    assert download_hellaswag(str(path), url="http://127.0.0.1:9/x") == str(path)  # no network touched
+    # no network touched
+    assert download_hellaswag(str(path), url="http://127.0.0.1:9/x") == str(path)
 
 
 def test_malformed_line(tmp_path):
@@ -892,41 +1794,176 @@ def test_malformed_line(tmp_path):
         load_hellaswag(str(path))
 
 
-def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
-    """`train.py --eval_only --init_from=resume --hellaswag` on a checkpoint: acc and acc_norm printed and logged."""
-    out, fixture = tmp_path / "out", tmp_path / "hs.jsonl"
-    write_fixture(fixture)
-    run = lambda *a: train.main([x for x in tiny_run(shards, out, *a) if not x.startswith("--vocab_size")])
-    run("--ffn=top2", "--max_iters=2", "--eval_interval=2")  # full GPT-2 vocabulary
-    record = run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={fixture}",
-                 "--hellaswag_limit=4", "--moe_top_k=1")
-    assert record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1 and record["moe_top_k"] == 1
-    assert "hellaswag acc" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
-        run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}")
+def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    for content, expected in ((b"", "no HellaSwag examples"), (b"\n\n", "no HellaSwag examples"),
+                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n'
+                               b'{"ctx": "b",\n',
+                               "line 2: invalid JSON"),
+                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 9}\n',
+                               "line 1: not a HellaSwag"),
+                              (b'\n{"ctx": "\xff"}\n', "line 2: not UTF-8")):
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=expected) as e:
+            load_hellaswag(str(path))
+        assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
+        load_hellaswag(str(tmp_path))  # a directory
 
 
-# ----------------------------------------------------------------------------- Triton kernel (kernel.py)
+# ====================================================================== kernel.py
 
-def make_inputs(N, d, d_ff, d_z, K, bias, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0, dt=dtype: (torch.randn(*s, generator=g) * scale).to(dt).requires_grad_()
-    return dict(x=r(N, d), W1=r(d_ff, d, scale=d ** -0.5), b1=r(d_ff, scale=0.1) if bias else None,
-                W2=r(d, d_ff, scale=d_ff ** -0.5), b2=r(d, scale=0.1) if bias else None,
-                W_z=r(d_ff, d_z, scale=d_z ** -0.5, dt=torch.float32), z=r(K, N, d_z, dt=torch.float32))
+# ---- the fast PyTorch path (fast_inf_ffn) and its selection ops
+
+def test_top_fraction_keeps_exactly_n_at_their_values():
+    torch.manual_seed(0)
+    d_ff, d_z, r = 50, 6, 0.3
+    z, W_z = torch.randn(1, 7, d_z), torch.randn(d_ff, d_z)
+    M, counts, _ = averaged_topk_mask(z, W_z, r)
+    scores = z[0] @ W_z.t()
+    n_keep = 15  # round(0.3 * 50)
+    assert ((M != 0).sum(-1) == n_keep).all()
+    kept = M != 0
+    torch.testing.assert_close(M[kept], scores[kept])
+    # the kept entries are the largest ones: every kept score beats every dropped score in its row
+    assert (scores.masked_fill(~kept, float("inf")).min(-1).values >
+            scores.masked_fill(kept, -float("inf")).max(-1).values).all()
+    assert counts.sum().item() == 7 * n_keep
 
 
-def run(fn, inp, top_frac, dy):
-    leaves = {k: v for k, v in inp.items() if v is not None and v.requires_grad}
-    for v in leaves.values():
-        v.grad = None
-    y, counts, n_active = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), top_frac)
-    y.backward(dy)
-    return y.detach(), counts, n_active, {k: v.grad.clone() for k, v in leaves.items()}
+def fast_and_naive(inp, top_frac, dy):
+    """The fast path and its oracle, model.inf_ffn (the paper's K-pass equations)."""
+    return run(fast_inf_ffn, inp, top_frac, dy), run(inf_ffn, inp, top_frac, dy)
 
+
+@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (2, True, 0.25), (3, False, 0.1),
+                                             (4, True, 0.5), (2, False, 1.0)])
+def test_fast_path_matches_naive_k_pass(K, bias, top_frac):
+    inp = make_inputs(N=29, d=12, d_ff=40, d_z=6, K=K, bias=bias, seed=10 + K)
+    dy = torch.randn(29, 12, generator=torch.Generator().manual_seed(2))
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = fast_and_naive(
+        inp, top_frac, dy)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and counts.sum() == K * 29 * max(1, round(top_frac * 40))
+    assert n_active.item() == n_active0.item()
+    assert grads.keys() == grads0.keys() == {k for k, v in inp.items() if v is not None}
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_path_ties_by_hand():
+    # m = z W_z^T with W_z = I is the integer score table itself (exact in fp32). d_ff = 8, r = 25%:
+    # n_keep = 2. Sample 0, row 0: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest 3 -> keep the 5 and
+    # four 3s. Sample 0, row 1: all 2 -> keep all eight. Sample 1, row 0:
+    # [0, 0, 0, 1, -1, -1, -1, -1] -> keep the 1 and the three zeros (kept, though worth 0);
+    # row 1: [4, -1, ..., -1] -> 2nd largest -1 -> all eight.
+    s0 = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8])
+    s1 = torch.tensor([[0., 0, 0, 1, -1, -1, -1, -1], [4., -1, -1, -1, -1, -1, -1, -1]])
+    inp = make_inputs(N=2, d=5, d_ff=8, d_z=8, K=2, bias=True)
+    inp["z"], inp["W_z"] = torch.stack([s0, s1]).requires_grad_(), torch.eye(8).requires_grad_()
+    keep0 = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8], dtype=torch.bool)
+    keep1 = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8], dtype=torch.bool)
+    M, counts, keep = averaged_topk_mask(inp["z"].detach(), inp["W_z"].detach(), 0.25)
+    assert torch.equal(keep[0], keep0) and torch.equal(keep[1], keep1)
+    torch.testing.assert_close(M, (torch.where(keep0, s0, 0.0) + torch.where(keep1, s1, 0.0)) / 2)
+    assert counts.tolist() == (keep0.sum(0) + keep1.sum(0)).float().tolist()
+    dy = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
+    (y, counts, n_active, grads), (y0, _, _, grads0) = fast_and_naive(inp, 0.25, dy)
+    torch.testing.assert_close(y, y0)
+    # row 0: units 0-4 and 7; row 1: all eight
+    assert n_active.item() == (M != 0).sum().item() == 14
+    # sample 1's kept zeros add nothing to M but pass gradient to their scores
+    # (W_z = I: dz_1 = dL/dm_1)
+    assert (grads["z"][1, 0, :3] != 0).all() and (grads["z"][1, 0, 4:] == 0).all()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_fast_path_gradcheck_float64(K):
+    # float64 inputs keep the scores in float64, so finite differences check every gradient,
+    # those of W_z and z included (random scores: the selection does not flip within eps)
+    inp = make_inputs(N=6, d=5, d_ff=12, d_z=4, K=K, bias=True, seed=K, dtype=torch.float64)
+    inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
+    inp["z"] = inp["z"].detach().double().requires_grad_()
+    args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
+    assert torch.autograd.gradcheck(lambda *a: fast_inf_ffn(*a, 0.4)[0], args)
+
+
+def saved_for_backward(fn, inp):
+    """{address: bytes} of what autograd keeps for fn's backward beyond its inputs."""
+    inputs = {t.data_ptr() for t in inp.values() if t is not None}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
+    y.sum().backward()
+    return {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
+
+
+def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
+    # activation memory against a dense FFN of the same width, which keeps its pre-activation and
+    # its activation: 2 fp32 tokens x d_ff tensors
+    kept = saved_for_backward(fast_inf_ffn, make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True))
+    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
+
+
+def test_inductor_gives_the_fast_path_eager_values_and_memory():
+    # torch.compile's default backend fuses the path's element-wise passes and chooses afresh what
+    # to keep for backward: the same values and gradients as eager, and no more than 1.5x a dense
+    # FFN's memory (it used to keep the forward's GELU(pre) ⊙ M as well: 1.75x)
+    torch._dynamo.reset()
+    inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True, seed=4)
+    dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(fast_inf_ffn, dynamic=False)
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(compiled, inp, 0.25, dy), run(fast_inf_ffn, inp, 0.25, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    kept = saved_for_backward(compiled, inp)
+    torch._dynamo.reset()
+    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
+
+
+def test_selection_custom_ops_pass_opcheck():
+    # torch's own check of a custom op: schema, fake (meta) shapes and strides against the real op,
+    # autograd registration, and tracing by AOTAutograd (what inductor relies on)
+    torch.manual_seed(0)
+    z, W_z = torch.randn(3, 10, 4), torch.randn(16, 4)
+    m = torch.randn(10, 16)
+    torch.library.opcheck(torch.ops.infmoe.selection_scores,
+                          (z[0].requires_grad_(), W_z.requires_grad_()))
+    torch.library.opcheck(torch.ops.infmoe.row_threshold, (m, 4))
+    torch.library.opcheck(torch.ops.infmoe.averaged_topk_mask, (z.detach(), W_z.detach(), 0.25))
+
+
+def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
+    # a script that allowed TF32 / bf16 matmuls (train.py uses the legacy allow_tf32 flag) gets its
+    # flags back, and the score product itself runs with both backends at "ieee"
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **kw: seen.append(
+        (cuda.fp32_precision, mkldnn.fp32_precision)) or matmul(*a, **kw))
+    old = cuda.allow_tf32, mkldnn.fp32_precision
+    try:
+        cuda.allow_tf32, mkldnn.fp32_precision = True, "bf16"
+        z, W_z = torch.randn(5, 3), torch.randn(7, 3)
+        torch.testing.assert_close(selection_scores(z, W_z),
+                                   (z.double() @ W_z.double().t()).float())
+        assert seen == [("ieee", "ieee")]
+        assert cuda.allow_tf32 is True and mkldnn.fp32_precision == "bf16"
+    finally:
+        cuda.allow_tf32, mkldnn.fp32_precision = old
+
+
+# ---- the Triton kernels (triton_inf_ffn) against the PyTorch path
 
 def check_against_reference(inp, top_frac, rtol=1e-4, atol=1e-5):
-    dy = torch.randn(inp["x"].shape[0], inp["W2"].shape[0], generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(inp["x"].shape[0], inp["W2"].shape[0],
+                     generator=torch.Generator().manual_seed(1))
     dy = dy.to(inp["x"].dtype)
     y0, c0, n0, g0 = run(fast_inf_ffn, inp, top_frac, dy)
     y1, c1, n1, g1 = run(kernel.triton_inf_ffn, inp, top_frac, dy)
@@ -936,7 +1973,8 @@ def check_against_reference(inp, top_frac, rtol=1e-4, atol=1e-5):
     assert n1.item() == n0.item() and n1.dtype == torch.float32 and n1.dim() == 0
     assert g1.keys() == g0.keys()
     for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g1[name], g0[name], rtol=rtol, atol=atol,
+                                   msg=lambda m: f"grad {name}: {m}")
     return c1, n1
 
 
@@ -947,22 +1985,28 @@ def test_matches_reference(K, bias, top_frac):
     inp = make_inputs(N=37, d=24, d_ff=45, d_z=20, K=K, bias=bias, seed=K)
     counts, n_active = check_against_reference(inp, top_frac)
     n_keep = max(1, round(top_frac * 45))
-    assert counts.sum().item() == K * 37 * n_keep  # random scores: no ties, exactly n_keep per (token, sample)
+    # random scores: no ties, exactly n_keep per (token, sample)
+    assert counts.sum().item() == K * 37 * n_keep
     if top_frac == 1.0 and K == 1:
         assert n_active.item() == 37 * 45
 
 
 def test_ties_follow_the_tie_rule():
-    # Integer-valued scores are exact in fp32, so ties are exact. d_ff = 8, n_keep = round(0.25 * 8) = 2.
-    # Row 0 scores: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest is 3 -> keep every score >= 3 (five neurons).
-    # Row 1: all scores equal -> all eight kept. Row 2: [-1, -4, -1, -3, -2, -5, -6, -7] -> keep the two -1.
+    # Integer-valued scores are exact in fp32, so ties are exact. d_ff = 8,
+    # n_keep = round(0.25 * 8) = 2.
+    # Row 0 scores: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest is 3 -> keep every score >= 3
+    # (five neurons).
+    # Row 1: all scores equal -> all eight kept. Row 2: [-1, -4, -1, -3, -2, -5, -6, -7] -> keep the
+    # two -1.
     scores = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8, [-1., -4, -1, -3, -2, -5, -6, -7]])
     # z = scores rows padded with zeros, W_z = identity (d_z = 8): m = z W_z^T = scores exactly.
     inp = make_inputs(N=3, d=5, d_ff=8, d_z=8, K=1, bias=True)
     inp["z"] = scores[None].clone().requires_grad_()
     inp["W_z"] = torch.eye(8).requires_grad_()
-    keep = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8, [1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    y, counts, n_active = kernel.triton_inf_ffn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)
+    keep = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8, [1, 0, 1, 0, 0, 0, 0, 0]],
+                        dtype=torch.bool)
+    y, counts, n_active = kernel.triton_inf_ffn(
+        *(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)
     M = torch.where(keep, scores, 0.0)
     h = F.gelu(F.linear(inp["x"], inp["W1"], inp["b1"]))
     torch.testing.assert_close(y, F.linear(h * M, inp["W2"], inp["b2"]), rtol=1e-5, atol=1e-6)
@@ -972,7 +2016,8 @@ def test_ties_follow_the_tie_rule():
 
 
 def test_select_negative_zero_ties_positive_zero():
-    # -0.0 == +0.0 as floats: when 0 is the n_keep-th largest score both zeros are kept, as `m >= thr`.
+    # -0.0 == +0.0 as floats: when 0 is the n_keep-th largest score both zeros are kept, as
+    # `m >= thr`.
     s = torch.tensor([[1.0, -0.0, 0.0, -1.0, 2.0]])
     keep = s >= torch.topk(s, 3, dim=1).values[:, -1:]
     bits = torch.zeros(1, 1, dtype=torch.uint8)
@@ -1018,7 +2063,8 @@ def test_model_training_step_with_kernel_matches_pytorch_path():
     idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     losses = []
     for model in (ref, fused):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam's first step would amplify 1e-9 grads to ±lr
+        # Adam's first step would amplify 1e-9 grads to ±lr
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(1)  # same ∞-MoE noise
         _, loss = model(idx, targets)
         loss.backward()
@@ -1029,701 +2075,10 @@ def test_model_training_step_with_kernel_matches_pytorch_path():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    train.main(tiny_run(shards, out, "--max_iters=2", "--eval_interval=2"))
-    forward, calls = GPT.forward, [0]
-
-    def poisoned(self, idx, targets=None):  # the 4th training forward returns a NaN loss
-        logits, loss = forward(self, idx, targets)
-        calls[0] += self.training
-        return logits, (loss * float("nan") if calls[0] == 4 and self.training else loss)
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(SystemExit, match="training loss is nan"):
-        train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=10", "--eval_interval=2"))
-    ckpt = load_checkpoint(out / "ckpt.pt")  # written at step 4, before the NaN at step 6
-    assert ckpt["iter_num"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-# ---- data: manifest, check_dataset, resume, small inputs, bad input (prepare_fineweb.py)
-
-check_dataset = prepare_fineweb.check_dataset
-
-
-def shard_files(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
-
-
-def manifest_of(out_dir):
-    return json.loads((Path(out_dir) / "manifest.json").read_text())
-
-
-def test_check_dataset_accepts_the_bundled_sample():
-    info = check_dataset(str(REPO / "data" / "sample"), 50257)
-    assert info["manifest"] is True and len(info["val"]) == 1 and len(info["train"]) == 7
-    for path, n in info["val"] + info["train"]:
-        tokens = read_shard_independently(path)
-        assert n == len(tokens) and tokens.max() < 50257
-    assert sum(n for _, n in info["val"] + info["train"]) == 1_848_677  # the README's 1.85M tokens
-
-
-@pytest.mark.parametrize("damage, names, message", [
-    ("token_id", "syn_train_000002.bin", "token id 97 is out of range for vocab_size 97"),
-    ("truncated", "syn_train_000002.bin", "truncated"),
-    ("magic", "syn_val_000000.bin", "magic"),
-    ("empty", "syn_train_000001.bin", "0 tokens"),
-    ("incomplete", "manifest.json", "incomplete"),
-    ("unlisted", "syn_train_000003.bin", "not part of the dataset"),
-    ("missing", "syn_train_000002.bin", "listed in"),
-    ("resized", "syn_train_000001.bin", "lists 7000"),
-    ("bad_manifest", "manifest.json", "unreadable manifest"),
-    ("no_train", "", "no train shards"),  # names the directory
-])
-def test_check_dataset_names_the_file(shards, damage, names, message):
-    listing = [("syn_val_000000.bin", 4000), ("syn_train_000001.bin", 7000), ("syn_train_000002.bin", 8993)]
-    info = check_dataset(str(shards), 97)  # the fixture's shards, written by an independent writer
-    assert info == {"train": [(str(shards / n), k) for n, k in listing[1:]],
-                    "val": [(str(shards / listing[0][0]), 4000)], "manifest": False}
-    manifest = {"complete": True, "shards": [{"name": n, "tokens": k} for n, k in listing]}
-    (shards / "manifest.json").write_text(json.dumps(manifest))
-    assert check_dataset(str(shards), 97)["manifest"] is True
-    last = shards / "syn_train_000002.bin"
-    if damage == "token_id":
-        write_llmc_shard(last, np.r_[np.zeros(50, int), 97, np.zeros(8942, int)])
-    elif damage == "truncated":
-        last.write_bytes(last.read_bytes()[:-1])
-    elif damage == "magic":
-        path = shards / "syn_val_000000.bin"
-        path.write_bytes(b"\1" + path.read_bytes()[1:])
-    elif damage == "empty":
-        write_llmc_shard(shards / "syn_train_000001.bin", [])
-        manifest["shards"][1]["tokens"] = 0
-    elif damage == "incomplete":
-        manifest["complete"] = False
-    elif damage == "unlisted":
-        write_llmc_shard(shards / "syn_train_000003.bin", [1, 2, 3])
-    elif damage == "missing":
-        last.unlink()
-    elif damage == "resized":
-        write_llmc_shard(shards / "syn_train_000001.bin", np.zeros(6999, int))
-    elif damage == "no_train":
-        for path in shards.glob("*_train_*"):
-            path.unlink()
-    (shards / "manifest.json").write_text("{not json" if damage == "bad_manifest" else json.dumps(manifest))
-    with pytest.raises(DataError, match=message) as e:
-        check_dataset(str(shards), 97)
-    assert str(shards / names) in str(e.value) and "\n" not in str(e.value)
-
-
-def test_bad_last_line_leaves_the_dataset_incomplete(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # small tasks: shards are written before the error
-    docs = real_docs()
-    src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + '{"text": "cut off', encoding="utf-8")
-    out = tmp_path / "out"
-    argv = ["--input", str(src), "--out_dir", str(out), "--shard_size", "1000", "--workers", "2"]
-    msg = run_main_error(argv)
-    assert msg.count("\n") == 0 and f"{src}, line {len(docs) + 1}: invalid JSON" in msg
-    assert len(list(out.glob("docs_train_*.bin"))) > 3  # finished shards on disk, but...
-    assert manifest_of(out)["complete"] is False
-    with pytest.raises(DataError, match="incomplete"):
-        check_dataset(str(out), 50257)
-    # fixed input: another file (size, mtime), so the unfinished run's shards are redone from the start
-    write_jsonl(src, docs)
-    capsys.readouterr()
-    prepare_fineweb.main(argv)
-    assert "starting over" in capsys.readouterr().out
-    check_shards(out, "docs", 1000, docs)
-    check_dataset(str(out), 50257)
-    # the dataset is complete now: another input or setting never silently replaces it
-    msg = run_main_error(argv[:-4] + ["--shard_size", "2000", "--workers", "2"])
-    assert str(out) in msg and "shard_size" in msg and "delete" in msg
-    write_jsonl(src, docs[:-1])
-    assert "source" in run_main_error(argv)
-    check_shards(out, "docs", 1000, docs)
-
-
-def test_json_and_utf8_errors_name_the_line(tmp_path):
-    out = ["--out_dir", str(tmp_path / "out"), "--workers", "1"]
-    cases = {"list.json": (b'[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n', "line 4: invalid JSON"),
-             "lines.json": (b'{"text": "a"}\n{"text": "b"}\n{"text": \n', "line 3: invalid JSON"),
-             "bytes.jsonl": (b'{"text": "a"}\n{"text": "b\xff"}\n', "line 2: not UTF-8"),
-             "bytes.txt": (b"one\ntwo\n\xc3(\n", "line 3: not UTF-8")}
-    for name, (content, expected) in cases.items():
-        (tmp_path / name).write_bytes(content)
-        msg = run_main_error(["--input", str(tmp_path / name)] + out)
-        assert f"{tmp_path / name}, {expected}" in msg and "\n" not in msg
-    (tmp_path / "ok.json").write_bytes(b'{"text": "a"}\n{"text": "b"}\n')  # JSON lines named .json still work
-    prepare_fineweb.main(["--input", str(tmp_path / "ok.json"), "--shard_size", "2"] + out)
-    check_shards(tmp_path / "out", "ok", 2, ["a", "b"])
-
-
-def crash_after(monkeypatch, n_shards):
-    """Make the n+1-th shard write die half way, as a kill would: a partial .tmp, no manifest update."""
-    write, calls = prepare_fineweb.write_shard, [0]
-
-    def dying_write(path, tokens):
-        calls[0] += 1
-        if calls[0] > n_shards:
-            Path(path + ".tmp").write_bytes(b"\0" * 100)
-            raise KeyboardInterrupt
-        write(path, tokens)
-
-    monkeypatch.setattr(prepare_fineweb, "write_shard", dying_write)
-
-
-def test_killed_run_resumes_to_the_same_shards(tmp_path, monkeypatch, capsys):
-    docs = real_docs()
-    src = write_jsonl(tmp_path / "docs.jsonl", docs)
-    argv = lambda d: ["--input", str(src), "--out_dir", str(tmp_path / d), "--shard_size", "1200", "--workers", "2"]
-    prepare_fineweb.main(argv("whole"))
-    with monkeypatch.context() as m:
-        crash_after(m, 3)
-        with pytest.raises(KeyboardInterrupt):
-            prepare_fineweb.main(argv("killed"))
-    assert [s["name"] for s in manifest_of(tmp_path / "killed")["shards"]] == \
-        ["docs_val_000000.bin", "docs_train_000001.bin", "docs_train_000002.bin"]
-    kept = np.concatenate([read_shard_independently(tmp_path / "whole" / f"docs_{s}.bin")
-                           for s in ("val_000000", "train_000001", "train_000002")])
-    capsys.readouterr()
-    prepare_fineweb.main(argv("killed"))
-    skipped = np.count_nonzero(kept == EOT) - 1  # whole documents before the one the 3rd shard ends in
-    assert f"resuming: 3 finished shards kept; their {skipped:,} whole documents are skipped" in capsys.readouterr().out
-    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")  # manifest included
-
-
-def test_hugging_face_resume_skips_finished_documents(tmp_path, monkeypatch):
-    # FineWeb's stand-in streams documents; the resumed run streams different text for the documents
-    # the finished shards hold: the result equals one uninterrupted run only if those are not re-tokenised
-    import types
-    docs = real_docs()
-    stream = [docs]
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-        load_dataset=lambda *a, **k: iter([{"text": d} for d in stream[0]])))
-    argv = lambda d: ["--out_dir", str(tmp_path / d), "--shard_size", "1200", "--workers", "2"]
-    prepare_fineweb.main(argv("whole"))
-    with monkeypatch.context() as m:
-        crash_after(m, 6)
-        with pytest.raises(KeyboardInterrupt):
-            prepare_fineweb.main(argv("killed"))
-    skipped = manifest_of(tmp_path / "killed")["shards"][-1]["docs"] - 1
-    assert skipped >= 3
-    stream[0] = ["never tokenised"] * skipped + docs[skipped:]
-    prepare_fineweb.main(argv("killed"))
-    assert shard_files(tmp_path / "killed") == shard_files(tmp_path / "whole")
-
-
-def test_hugging_face_offline_is_one_line_and_leaves_no_complete_dataset(tmp_path, monkeypatch):
-    import types
-
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)")
-
-    def drops_mid_stream(*a, **k):
-        yield from ({"text": f"row {i} " * 50} for i in range(20))
-        raise TimeoutError("read timed out")
-
-    monkeypatch.setattr(prepare_fineweb, "CHUNK_CHARS", 500)  # small tasks: shards are written before the error
-    out = ["--out_dir", str(tmp_path / "fw"), "--shard_size", "300", "--workers", "1"]
-    for load, error in ((offline, "ConnectionError"), (drops_mid_stream, "TimeoutError")):
-        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
-        msg = run_main_error(out)
-        assert msg.count("\n") == 0 and "HuggingFaceFW/fineweb (sample-10BT)" in msg and error in msg
-        assert "--input" in msg and ".parquet" in msg
-    assert manifest_of(tmp_path / "fw")["complete"] is False and len(manifest_of(tmp_path / "fw")["shards"]) > 2
-
-
-def test_small_input_keeps_most_for_training(tmp_path, capsys):
-    docs = real_docs()
-    src = write_jsonl(tmp_path / "mine.jsonl", docs)
-    total = sum(1 + len(get_tokenizer().encode_ordinary(d)) for d in docs)
-    # the README's example on a small file, default --shard_size (100M): 10% val, the rest one train shard
-    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "mine"), "--workers", "2"])
-    assert f"{total // 10:,} go to validation" in capsys.readouterr().out
-    check_shards(tmp_path / "mine", "mine", 10**8, docs, val_size=total // 10)
-    info = check_dataset(str(tmp_path / "mine"), 50257)
-    assert [n for _, n in info["train"]] == [total - total // 10]
-    # smaller than val + one train shard: the rest after 10% val is cut into shards as usual
-    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "s"), "--workers", "2",
-                          "--val_tokens", str(total), "--shard_size", str(total // 3)])
-    check_shards(tmp_path / "s", "mine", total // 3, docs, val_size=total // 10)
-    # a big enough input: val is exactly --val_tokens
-    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "v"), "--workers", "2",
-                          "--val_tokens", "700", "--shard_size", "1000"])
-    check_shards(tmp_path / "v", "mine", 1000, docs, val_size=700)
-    # the README's example then trains: train.py finds train and val shards there
-    train.main([f"--data_dir={tmp_path / 'mine'}", f"--out_dir={tmp_path / 'out'}", "--n_layer=1", "--n_head=2",
-                "--n_embd=32", "--block_size=32", "--d_z=8", "--batch_size=2", "--eval_iters=1",
-                "--max_iters=1", "--eval_interval=1"])
-    assert (tmp_path / "out" / "ckpt.pt").exists()
-    # one token cannot be split
-    (tmp_path / "one.jsonl").write_text('{"text": ""}\n')
-    msg = run_main_error(["--input", str(tmp_path / "one.jsonl"), "--out_dir", str(tmp_path / "one")])
-    assert "1 tokens" in msg and "too few" in msg
-
-
-def test_prepare_bad_options_write_nothing(tmp_path, monkeypatch, capsys):
-    (tmp_path / "a.txt").write_text("some text")
-    base = ["--input", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "out")]
-    for flag, value in (("--shard_size", "0"), ("--val_tokens", "-5"), ("--shard_size", str(2**31))):
-        with pytest.raises(SystemExit):
-            prepare_fineweb.main(base + [flag, value])
-        assert flag in capsys.readouterr().err
-    for prefix in ("a_val", "x/y", "my_train_set"):
-        assert "--prefix" in run_main_error(base + ["--prefix", prefix])
-    assert not (tmp_path / "out").exists()  # nothing written for a bad command
-    (tmp_path / "file").write_text("not a directory")
-    msg = run_main_error(base[:2] + ["--out_dir", str(tmp_path / "file")])
-    assert str(tmp_path / "file") in msg and "\n" not in msg
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
-    monkeypatch.chdir(tmp_path)
-    assert "pip install datasets" in run_main_error([])
-    assert not (tmp_path / "data").exists()
-
-
-def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
-    path = tmp_path / "hs.jsonl"
-    for content, expected in ((b"", "no HellaSwag examples"), (b"\n\n", "no HellaSwag examples"),
-                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 0}\n{"ctx": "b",\n',
-                               "line 2: invalid JSON"),
-                              (b'{"ctx": "a", "endings": ["1", "2", "3", "4"], "label": 9}\n', "line 1: not a HellaSwag"),
-                              (b'\n{"ctx": "\xff"}\n', "line 2: not UTF-8")):
-        path.write_bytes(content)
-        with pytest.raises(DataError, match=expected) as e:
-            load_hellaswag(str(path))
-        assert str(path) in str(e.value)
-    with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
-        load_hellaswag(str(tmp_path))  # a directory
-
-
-# ---- train.py / sample.py: bad input, checkpoints, out_dir, resume settings (issues 9 and 14)
-
-def trained(shards, out, *extra):
-    """A 2-step tiny ∞-MoE run into out (checkpoint at step 2); returns the path of its ckpt.pt."""
-    train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2", *extra))
-    return out / "ckpt.pt"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Bad input must be refused before any model is built."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built")
-    monkeypatch.setattr(train, "GPT", refuse)
-    monkeypatch.setattr(sample, "GPT", refuse)
-
-
-def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkeypatch, no_model):
-    out = tmp_path / "out"
-    (tmp_path / "a_file").write_text("")
-    short = tmp_path / "short"
-    shutil.copytree(shards, short)
-    write_llmc_shard(short / "syn_train_000003.bin", np.arange(100) % 97)  # < 4 x 32 + 1 tokens
-    cases = [  # (argv after tiny_run's, words the one-line error must contain)
-        (["--n_head=0"], "--n_head=0: must be >= 1"),
-        (["--eval_interval=0"], "--eval_interval=0: must be >= 1"),
-        (["--log_interval=0"], "--log_interval=0"),
-        (["--batch_size=-1"], "--batch_size=-1"),
-        (["--batch_size=0"], "--batch_size=0"),
-        (["--eval_iters=0"], "--eval_iters=0"),
-        (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0"),
-        (["--max_iters=-1"], "--max_iters=-1"),
-        (["--hellaswag_limit=-1"], "--hellaswag_limit=-1"),
-        (["--learning_rate=nan"], "--learning_rate=nan"),
-        (["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
-        (["--device=cuda"], "--device=cuda: no CUDA device"),
-        (["--device=gpu"], "--device=gpu"),
-        (["--dtype=float16"], "--dtype=float16"),
-        (["--init_from=bogus"], "--init_from=bogus"),
-        (["--out_dir"], "--out_dir needs a value"),
-        (["--preset"], "--preset needs a value"),
-        (["--eval_only"], "--init_from=resume"),
-        ([f"--out_dir={tmp_path / 'a_file'}"], "--out_dir="),
-        (["--wandb_log"], "pip install wandb"),
-        (["--hellaswag", f"--hellaswag_path={tmp_path / 'a_file'}"], "a_file: no HellaSwag examples"),
-        (["--hellaswag", f"--hellaswag_path={tmp_path / 'none.jsonl'}"], "no HellaSwag data at"),
-        (["--eval_iters=40"], "--eval_iters=40: the val split"),  # 4000 val tokens hold 31 batches of 4 x 32
-        (["--vocab_size=50"], "syn_train_000001.bin: token id"),
-        ([f"--data_dir={short}"], "syn_train_000003.bin: 100 tokens"),
-        ([f"--data_dir={tmp_path / 'nowhere'}"], "no train shards"),
-    ]
-    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as when it is not installed
-    for argv, words in cases:
-        with pytest.raises(UsageError) as err:
-            train.main(tiny_run(shards, out, *argv))
-        assert words in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
-    assert not out.exists()  # nothing was written
-    monkeypatch.delenv("TRITON_INTERPRET")  # the kernel would need a GPU
-    with pytest.raises(UsageError, match="--use_kernel=on needs a CUDA device"):
-        train.main(tiny_run(shards, out, "--use_kernel=on"))
-
-
-def test_bad_sample_options(tmp_path, no_model):
-    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    cases = [
-        (["--temperature=-1"], "--temperature=-1.0: must be >= 0"),
-        (["--top_k=-5"], "--top_k=-5"),
-        (["--num_samples=0"], "--num_samples=0"),
-        (["--dtype=float16"], "--dtype=float16"),
-        (["--device=cuda"], "--device=cuda"),
-        (["--out_dir"], "--out_dir needs a value"),
-        ([f"--start=FILE:{tmp_path}"], f"--start=FILE:{tmp_path}: Is a directory"),
-        ([f"--start=FILE:{tmp_path / 'latin1.txt'}"], "latin1.txt: not UTF-8"),
-        ([f"--start=FILE:{tmp_path / 'missing.txt'}"], "missing.txt: No such file"),
-        ([f"--out_dir={tmp_path}"], f"no checkpoint at {tmp_path / 'ckpt.pt'}"),
-    ]
-    for argv, words in cases:
-        with pytest.raises(UsageError) as err:
-            sample.main(argv)
-        assert words in str(err.value), (argv, str(err.value))
-
-
-def test_one_line_error_and_exit_status_2(shards, tmp_path):
-    root = Path(__file__).parent
-    for script, argv, words in [("train.py", tiny_run(shards, tmp_path, "--eval_iters=0"), "--eval_iters=0"),
-                                ("sample.py", ["--top_k=-5"], "--top_k=-5")]:
-        res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=root)
-        assert res.returncode == 2 and res.stderr.startswith("error: ") and words in res.stderr
-        assert res.stderr.count("\n") == 1, res.stderr
-
-
-def test_damaged_checkpoint_is_refused_everywhere(shards, tmp_path):
-    ckpt = trained(shards, tmp_path / "out")
-    raw = ckpt.read_bytes()
-    assert load_checkpoint(ckpt)["iter_num"] == 2
-    middle = len(raw) // 2
-    damages = {"7 bytes overwritten": raw[:middle] + b"\xff" * 7 + raw[middle + 7:],
-               "truncated": raw[:middle], "empty": b""}
-    readers = {"resume": lambda: train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
-                                                     "--max_iters=4")),
-               "eval_only": lambda: train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume",
-                                                        "--eval_only")),
-               "sample": lambda: sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!"])}
-    for damage, data in damages.items():
-        ckpt.write_bytes(data)
-        for reader, call in readers.items():
-            with pytest.raises(UsageError, match=str(ckpt)):
-                call()
-        assert ckpt.read_bytes() == data, damage  # refused, not overwritten
-
-
-def test_scratch_run_never_overwrites_a_checkpoint(shards, tmp_path):
-    ckpt = trained(shards, tmp_path / "out")
-    before = ckpt.read_bytes()
-    with pytest.raises(UsageError, match="--init_from=resume.*--overwrite"):
-        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=2", "--eval_interval=2"))
-    assert ckpt.read_bytes() == before
-    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=3", "--eval_interval=3", "--overwrite"))
-    assert load_checkpoint(ckpt)["iter_num"] == 3
-    assert [r["step"] for r in read_log(tmp_path / "out") if "loss" in r] == [1, 2, 3]  # the old log is gone
-
-
-def test_out_dir_lock_refuses_a_live_run_and_not_a_killed_one(shards, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
-                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(UsageError, match="is in use by another run"):
-            train.main(tiny_run(shards, out, "--max_iters=1"))
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    (out / "ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")  # as a killed run leaves it
-    train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1"))
-    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 1 and not (out / "ckpt.pt.4242.tmp").exists()
-
-
-def test_resume_past_max_iters_stops_with_an_error(shards, tmp_path):
-    trained(shards, tmp_path / "out")
-    for max_iters in (1, 2):
-        with pytest.raises(UsageError, match=f"at step 2 and --max_iters={max_iters}"):
-            train.main(tiny_run(shards, tmp_path / "out", "--init_from=resume", f"--max_iters={max_iters}"))
-
-
-def test_resume_takes_the_checkpoints_settings(shards, tmp_path, capsys):
-    """Resumed with only --out_dir, --init_from and --max_iters, a run continues bit-identically: data_dir,
-    batch, schedule and model come from the checkpoint (the defaults would read data/sample, and fail)."""
-    common = ["--ffn=inf", "--eval_interval=2", "--lr_decay_iters=4", "--eval_iters=3"]
-    train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=4"))
-    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=2"))
-    capsys.readouterr()
-    train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=4", "--z_samples=2",
-                "--seed=7"])  # the checkpoint's RNG state is restored: the seed changes nothing
-    printed = capsys.readouterr().out
-    assert "settings that differ from the checkpoint's: max_iters 2 -> 4, seed 1337 -> 7" in printed
-    full, resumed = ([(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(tmp_path / run)]
-                     for run in "ab")
-    assert resumed == full  # steps 3 and 4 bit-identical
-    saved = train.main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--eval_only", "--z_deterministic"])
-    given = train.main(tiny_run(shards, tmp_path / "a", *common, "--init_from=resume", "--eval_only",
-                                "--z_deterministic"))
-    assert saved["val_loss"] == given["val_loss"]  # the saved data_dir, eval_iters, batch and model
-
-
-def test_resume_refuses_changes_that_make_another_run(shards, tmp_path):
-    out = tmp_path / "out"
-    trained(shards, out)
-    other = tmp_path / "other"
-    shutil.copytree(shards, other)
-    for flag, words in [(f"--data_dir={other}", f"--data_dir={shards}"), ("--batch_size=2", "--batch_size=4"),
-                        ("--learning_rate=1e-2", "--learning_rate=0.003"), ("--d_z=4", "--d_z=8")]:
-        with pytest.raises(UsageError, match="was trained with " + words):
-            train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", flag])
-    train.main([f"--out_dir={out}", "--init_from=resume", "--eval_only", f"--data_dir={other}"])  # scoring: fine
-    train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3", f"--data_dir={other}",
-                "--allow_changes"])
-    assert load_checkpoint(out / "ckpt.pt")["config"]["data_dir"] == str(other)
-
-
-def test_resume_with_remade_shards_is_an_error(shards, tmp_path):
-    out = tmp_path / "out"
-    trained(shards, out, "--batch_size=16", "--block_size=64", "--eval_iters=1")  # 2 x 1024 tokens read
-    write_llmc_shard(shards / "syn_train_000001.bin", np.arange(1500) % 97)  # remade, shorter
-    with pytest.raises(UsageError, match="stopped at train shard 0, token 2048.*remade"):
-        train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
-
-
-def test_log_holds_each_step_once_after_a_resume(shards, tmp_path):
-    out = tmp_path / "out"
-    train.main(tiny_run(shards, out, "--max_iters=4", "--eval_interval=2"))
-    with open(out / "log.jsonl", "a") as f:  # as a run killed after its last checkpoint leaves the log
-        f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "loss"')
-    train.main(tiny_run(shards, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2"))
-    log = read_log(out)
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in log if "val_loss" in r] == [0, 2, 4, 6]
-    assert 9.0 not in [r["loss"] for r in log if "loss" in r]
-
-
-def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, capsys):
-    """A fake clock: 1 s per training forward, 100 s per evaluation. Every logged rate is then 1 step/s,
-    though evaluations fall between log lines; elapsed counts both."""
-    clock = [0.0]
-    forward, evaluate = GPT.forward, train.evaluate
-
-    def timed_forward(self, idx, targets=None):
-        clock[0] += self.training
-        return forward(self, idx, targets)
-
-    def timed_evaluate(*args):
-        clock[0] += 100
-        return evaluate(*args)
-
-    monkeypatch.setattr(GPT, "forward", timed_forward)
-    monkeypatch.setattr(train, "evaluate", timed_evaluate)
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
-    train.main(tiny_run(shards, tmp_path / "out", "--max_iters=6", "--eval_interval=2", "--log_interval=3"))
-    records = [r for r in read_log(tmp_path / "out") if "loss" in r]
-    assert [r["tokens_per_s"] for r in records] == [4 * 32 / 1.0] * 2  # batch 4 x block 32 per step
-    assert [r["elapsed_s"] for r in records] == [3 + 200, 6 + 300]  # evaluations at steps 0, 2 and 4
-    assert "step 3/6:" in capsys.readouterr().out
-
-
-def test_nan_before_the_first_checkpoint_says_there_is_none(shards, tmp_path, monkeypatch):
-    forward = GPT.forward
-    def poisoned(self, idx, targets=None):  # every training forward returns a NaN loss
-        logits, loss = forward(self, idx, targets)
-        return logits, loss * float("nan") if self.training else loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(SystemExit, match="training loss is nan; stopping, no checkpoint was written"):
-        train.main(tiny_run(shards, tmp_path / "out", "--max_iters=4", "--eval_interval=2"))
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
-
-
-def test_sample_keeps_the_checkpoints_z_deterministic(shards, tmp_path, monkeypatch):
-    trained(shards, tmp_path / "out", "--z_deterministic")
-    seen, generate = [], GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: seen.append(self.config.z_deterministic)
-                        or generate(self, *a, **k))
-    for argv in ([], ["--z_deterministic=false"]):
-        sample.main([f"--out_dir={tmp_path / 'out'}", "--start=!", "--num_samples=1", "--max_new_tokens=2", *argv])
-    assert seen == [True, False]
-
-
-def test_help_lists_every_option_with_default_and_meaning(capsys):
-    assert train.main(["--help"]) is None
-    text = capsys.readouterr().out
-    for config in (train.TrainConfig(), GPTConfig(**train.TINY_MODEL)):
-        for f in dataclasses.fields(config):
-            assert f"--{f.name}=" in text, f.name
-    assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
-    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
-        assert [name for name, note in infra.field_help(cls).items() if not note] == [], cls.__name__
-    assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
-    sample.main(["--help"])
-    text = capsys.readouterr().out
-    assert all(f"--{f.name}=" in text for f in dataclasses.fields(sample.SampleConfig))
-    assert "--top_k=200" in text and "0: no top-k filtering" in text
-
-
-# ---- FFN registry and the open research directions (issue 11)
-
-# Recorded with the model.py of commit 4f43f7f (before the registry), by the same computation as below: the default
-# FFNs must stay bit-identical (same parameter init order and values, same noise draws).
-BEFORE_REGISTRY = {  # ffn: (loss, logits[1, -1, :3], sum |grad W1| of layer 0, sum of all parameters)
-    "dense": (4.5826945304870605, [0.013887088745832443, -0.05675721541047096, 0.07699025422334671],
-              12.741249084472656, 163.48829070851207),
-    "switch": (4.60293436050415, [-0.04560556635260582, -0.05754594877362251, -0.0173189677298069],
-               3.501310348510742, 163.18279123678803),
-    "top2": (4.604064464569092, [-0.042648881673812866, -0.05057494342327118, -0.009007296524941921],
-             9.218091011047363, 163.18279123678803),
-    "inf": (4.6025590896606445, [-0.006124934647232294, -0.013159485533833504, 0.12845948338508606],
-            13.444576263427734, 150.97548807039857),
-}
-
-
-@pytest.mark.parametrize("ffn", list(BEFORE_REGISTRY))
-def test_default_ffns_unchanged_by_the_registry(ffn):
-    net = tiny_model(ffn)
-    idx = torch.arange(24).view(2, 12) * 7 % 97
-    torch.manual_seed(1)
-    logits, loss = net(idx, idx.roll(-1, 1))
-    loss.backward()
-    W1 = net.transformer.h[0].mlp.W1
-    grad = (W1.weight.grad if isinstance(W1, nn.Linear) else W1.grad).abs().sum().item()
-    got = (loss.item(), logits[1, -1, :3].tolist(), grad, sum(p.sum().item() for p in net.parameters()))
-    want = BEFORE_REGISTRY[ffn]
-    for a, b in zip(got, want):  # tolerances only for other CPUs' summation orders
-        torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6)
-
-
-def test_old_router_keys_load():
-    """Checkpoints from before the router module (router.weight / router.bias) load into router.net.0."""
-    old = tiny_model("inf", seed=1)
-    sd = {k.replace("router.net.0.", "router."): v for k, v in old.state_dict().items()}
-    assert "transformer.h.0.mlp.router.weight" in sd
-    new = tiny_model("inf", seed=2)
-    new.load_state_dict(sd)
-    for a, b in zip(old.parameters(), new.parameters()):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("ffn", FFNS)
-def test_residual_projections_found_by_marker(ffn):
-    net = tiny_model(ffn, n_layer=4)
-    marked = {n for n, p in net.named_parameters() if getattr(p, "residual_proj", False)}
-    assert marked == {f"transformer.h.{i}.{m}" for i in range(4)
-                      for m in ("attn.c_proj.weight", "mlp.W2" if ffn in ("switch", "top2") else "mlp.W2.weight")}
-    for name, p in net.named_parameters():  # GPT-2: std 0.02 / sqrt(2 n_layer) = 0.0071 for those
-        if name in marked:
-            assert abs(p.std().item() / (0.02 / math.sqrt(8)) - 1) < 0.15, name
-
-
-def test_aux_losses_are_summed_from_whichever_layers_have_them():
-    idx = torch.randint(0, 97, (2, 16))
-    for ffn in ("switch", "inf"):
-        net = tiny_model(ffn)
-        torch.manual_seed(1)
-        logits, loss = net(idx, idx)
-        ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
-        aux = [b.mlp.aux_loss for b in net.transformer.h if getattr(b.mlp, "aux_loss", None) is not None]
-        assert len(aux) == (2 if ffn == "switch" else 0)
-        torch.testing.assert_close(loss, ce + sum(aux))
-        assert (net.aux_loss is None) == (ffn == "inf")
-
-
-def index_mask(scores, r):
-    """TopN% built by index: the round(r * d_ff) largest scores of each row at their values, the rest 0."""
-    idx = scores.topk(max(1, round(r * scores.shape[-1])), dim=-1).indices
-    return torch.zeros_like(scores).scatter(1, idx, scores.gather(1, idx))
-
-
-def naive_expert(x, z, hidden, W_zs, rs, out, pre):
-    """One expert f(x, z): each hidden layer masked by its own W_z head, then the output layer."""
-    h = x
-    for lin, W_z, r in zip(hidden, W_zs, rs):
-        a, mask = lin(h), index_mask(z @ W_z.t(), r)
-        h = F.gelu(a * mask) if pre else F.gelu(a) * mask
-    return out(h)
-
-
-@pytest.mark.parametrize("flags", [dict(ffn="inf", router_depth=3, router_width=16), dict(ffn="inf", gate="pre"),
-                                   dict(ffn="inf_deep", top_frac2=0.5), dict(ffn="inf_deep", gate="pre")])
-def test_variant_matches_naive_k_pass(flags):
-    """Deep router, pre-activation gate, deep ∞-MoE FFN: the layer equals K separate naive experts."""
-    layer = tiny_model(**flags).transformer.h[0].mlp
-    x, eps = torch.randn(10, 32), torch.randn(3, 10, 8)
-    lins = [m for m in layer.router.net if isinstance(m, nn.Linear)]
-    assert len(lins) == flags.get("router_depth", 1)
-    h = x
-    for lin in lins[:-1]:  # the router MLP by hand: Linear, GELU, ..., Linear
-        h = F.gelu(h @ lin.weight.t() + lin.bias)
-    out = h @ lins[-1].weight.t() + lins[-1].bias
-    mu, sigma = out[:, :8], torch.exp(0.5 * 6 * torch.tanh(out[:, 8:] / 6))
-    deep, pre = flags["ffn"] == "inf_deep", flags.get("gate") == "pre"
-    hidden, W_zs = ([layer.W1, layer.W_mid], [layer.W_z, layer.W_z2]) if deep else ([layer.W1], [layer.W_z])
-    rs = [0.25, flags.get("top_frac2", 0.25)]
-    ref = sum(naive_expert(x, mu + sigma * eps[k], hidden, W_zs, rs, layer.W2, pre) for k in range(3)) / 3
-    torch.testing.assert_close(layer(x, eps=eps), ref, rtol=1e-5, atol=1e-6)
-    n_units = sum(W_z.shape[0] for W_z in W_zs)
-    assert abs(layer.stats["active"].item() * 10 * n_units - sum(
-        (torch.stack([index_mask((mu + sigma * eps[k]) @ W_z.t(), r) for k in range(3)]) != 0).any(0).sum().item()
-        for W_z, r in zip(W_zs, rs))) < 0.5  # the non-zero share of every layer's union of masks
-
-
-def test_mixture_router_matches_weighted_components():
-    """C = 3 Gaussians: y = sum_c pi_c (1/K) sum_k f(x, mu_c + sigma_c eps_k), pi = softmax of the
-    router's first C outputs; pi gets a gradient."""
-    C, K = 3, 2
-    layer = tiny_model("inf", router_mix=C).transformer.h[0].mlp
-    x, eps = torch.randn(10, 32), torch.randn(K, 10, 8)
-    lin = layer.router.net[0]
-    out = x @ lin.weight.t() + lin.bias  # [C mixture logits | mu_0, raw_0 | mu_1, raw_1 | ...]
-    pi = out[:, :C].softmax(-1)
-    ref = 0
-    for c in range(C):
-        o = out[:, C + 16 * c: C + 16 * (c + 1)]
-        mu, sigma = o[:, :8], torch.exp(0.5 * 6 * torch.tanh(o[:, 8:] / 6))
-        for k in range(K):
-            ref = ref + pi[:, c:c + 1] * naive_expert(x, mu + sigma * eps[k], [layer.W1], [layer.W_z], [0.25],
-                                                      layer.W2, False) / K
-    y = layer(x, eps=eps)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-    q = pi.mean(0)
-    assert abs(layer.stats["mix_entropy"].item() - (-(q * q.log()).sum() / math.log(C)).item()) < 1e-6
-    (y * torch.randn_like(y)).sum().backward()
-    assert lin.weight.grad[:C].abs().sum() > 0 and lin.bias.grad[:C].abs().sum() > 0  # the weights learn
-
-
-@pytest.mark.parametrize("ffn", ["switch", "top2"])
-def test_aux_loss_free_balancing_by_hand(ffn):
-    """DeepSeek-V3: experts chosen by top-k of p + b, weighted by p; after a step b_i += gamma sign(1/E - f_i)."""
-    layer, x = moe_case(ffn, balance="bias", balance_rate=0.1)
-    b = [-1.0, 0.0, 0.0, 0.5]
-    with torch.no_grad():
-        layer.balance_bias.copy_(torch.tensor(b))
-    y = layer(x)
-    logits = x[:, :4].tolist()
-    k = 1 if ffn == "switch" else 2
-    counts = [0] * 4
-    for t in range(4):
-        p = softmax_row(logits[t])
-        chosen = sorted(range(4), key=lambda e: -(p[e] + b[e]))[:k]
-        w = [p[e] / (sum(p[c] for c in chosen) if k == 2 else 1.0) for e in chosen]
-        torch.testing.assert_close(y[t], sum(wi * expert(layer, e, x[t]) for wi, e in zip(w, chosen)),
-                                   rtol=1e-5, atol=1e-6)
-        for e in chosen:
-            counts[e] += 1
-    assert counts[3] >= 3  # the bias moved tokens: without it expert 3 gets none (switch) or one (top2)
-    f = [n / (4 * k) for n in counts]
-    torch.testing.assert_close(layer.stats["load"], torch.tensor(f))
-    zl = 0.001 * sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in logits) / 4
-    assert abs(layer.aux_loss.item() - zl) < 1e-6  # no balancing loss in the gradient
-    layer.after_step()
-    sign = lambda v: (v > 0) - (v < 0)
-    torch.testing.assert_close(layer.balance_bias, torch.tensor([bi + 0.1 * sign(0.25 - fi) for bi, fi in zip(b, f)]))
-    assert "balance_bias" in layer.state_dict() and not any(p is layer.balance_bias for p in layer.parameters())
-
-
 def test_variants_with_the_kernel(recwarn):
-    """Router variants change only z (here: K * C samples of a mixture): the Triton kernel runs them and
-    matches the PyTorch path. gate=pre and inf_deep fall back to the PyTorch path with a warning saying why."""
+    """Router variants change only z (here: K * C samples of a mixture): the Triton kernel runs them
+    and matches the PyTorch path. gate=pre and inf_deep fall back to the PyTorch path with a warning
+    saying why."""
     x, eps = torch.randn(9, 32), torch.randn(2, 9, 8)
     for flags in (dict(router_mix=2, router_depth=2), dict(gate="pre"), dict(ffn="inf_deep")):
         flags = {"ffn": "inf", **flags}
@@ -1737,216 +2092,19 @@ def test_variants_with_the_kernel(recwarn):
         recwarn.clear()
 
 
-def test_train_with_aux_loss_free_balancing(shards, tmp_path):
-    """train.py calls after_step: the checkpoint holds the bias, a sum of +-gamma steps, and the log the load."""
-    out = tmp_path / "out"
-    train.main(tiny_run(shards, out, "--ffn=switch", "--balance=bias", "--balance_rate=0.01", "--max_iters=3",
-                        "--eval_interval=3"))
-    bias = load_checkpoint(out / "ckpt.pt")["model"]["transformer.h.0.mlp.balance_bias"]
-    steps = bias / 0.01
-    assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3
-    assert len(read_log(out)[-2]["load"]) == 4
-
-
-# ---- the ∞-MoE equations (model.inf_ffn) and the fast PyTorch path (kernel.fast_inf_ffn)
-
-def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
-    """model.inf_ffn's definition computed another way: K separate expert passes f(x, z_k) =
-    W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged, with mask_k built by index: the n_keep largest
-    scores of each row scattered at their own values (random scores: no ties). Returns y, counts
-    and n_active like inf_ffn."""
-    n_keep = max(1, round(top_frac * W_z.shape[0]))
-    ys, masks, counts = [], [], 0
-    for k in range(z.shape[0]):
-        m = z[k] @ W_z.t()
-        idx = m.detach().sort(dim=-1, descending=True).indices[:, :n_keep]
-        masks.append(torch.zeros_like(m).scatter(1, idx, m.gather(1, idx)))
-        counts = counts + torch.zeros(m.shape[1]).index_add_(0, idx.flatten(), torch.ones(idx.numel()))
-        ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * masks[-1].to(x.dtype), W2, b2))
-    return sum(ys) / len(ys), counts, (sum(masks) != 0).sum().float()
-
-
-@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (3, False, 0.1), (2, True, 1.0)])
-def test_inf_ffn_states_the_k_pass_definition(K, bias, top_frac):
-    # the oracle of every fast path, itself against the definition computed by index
-    inp = make_inputs(N=23, d=10, d_ff=36, d_z=5, K=K, bias=bias, seed=20 + K)
-    dy = torch.randn(23, 10, generator=torch.Generator().manual_seed(4))
-    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
-        run(inf_ffn, inp, top_frac, dy), run(index_inf_ffn, inp, top_frac, dy))
-    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
-    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
-    for name in grads0:
-        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
-
-
-def fast_and_naive(inp, top_frac, dy):
-    """The fast path and its oracle, model.inf_ffn (the paper's K-pass equations)."""
-    return run(fast_inf_ffn, inp, top_frac, dy), run(inf_ffn, inp, top_frac, dy)
-
-
-@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (2, True, 0.25), (3, False, 0.1),
-                                             (4, True, 0.5), (2, False, 1.0)])
-def test_fast_path_matches_naive_k_pass(K, bias, top_frac):
-    inp = make_inputs(N=29, d=12, d_ff=40, d_z=6, K=K, bias=bias, seed=10 + K)
-    dy = torch.randn(29, 12, generator=torch.Generator().manual_seed(2))
-    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = fast_and_naive(inp, top_frac, dy)
-    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
-    assert torch.equal(counts, counts0) and counts.sum() == K * 29 * max(1, round(top_frac * 40))
-    assert n_active.item() == n_active0.item()
-    assert grads.keys() == grads0.keys() == {k for k, v in inp.items() if v is not None}
-    for name in grads0:
-        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-
-
-def test_fast_path_ties_by_hand():
-    # m = z W_z^T with W_z = I is the integer score table itself (exact in fp32). d_ff = 8, r = 25%:
-    # n_keep = 2. Sample 0, row 0: [5, 3, 3, 1, 3, 0, -2, 3] -> 2nd largest 3 -> keep the 5 and four 3s.
-    # Sample 0, row 1: all 2 -> keep all eight. Sample 1, row 0: [0, 0, 0, 1, -1, -1, -1, -1] -> keep
-    # the 1 and the three zeros (kept, though worth 0); row 1: [4, -1, ..., -1] -> 2nd largest -1 -> all eight.
-    s0 = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8])
-    s1 = torch.tensor([[0., 0, 0, 1, -1, -1, -1, -1], [4., -1, -1, -1, -1, -1, -1, -1]])
-    inp = make_inputs(N=2, d=5, d_ff=8, d_z=8, K=2, bias=True)
-    inp["z"], inp["W_z"] = torch.stack([s0, s1]).requires_grad_(), torch.eye(8).requires_grad_()
-    keep0 = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 1], [1] * 8], dtype=torch.bool)
-    keep1 = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8], dtype=torch.bool)
-    M, counts, keep = averaged_topk_mask(inp["z"].detach(), inp["W_z"].detach(), 0.25)
-    assert torch.equal(keep[0], keep0) and torch.equal(keep[1], keep1)
-    torch.testing.assert_close(M, (torch.where(keep0, s0, 0.0) + torch.where(keep1, s1, 0.0)) / 2)
-    assert counts.tolist() == (keep0.sum(0) + keep1.sum(0)).float().tolist()
-    dy = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
-    (y, counts, n_active, grads), (y0, _, _, grads0) = fast_and_naive(inp, 0.25, dy)
-    torch.testing.assert_close(y, y0)
-    assert n_active.item() == (M != 0).sum().item() == 14  # row 0: units 0-4 and 7; row 1: all eight
-    # sample 1's kept zeros add nothing to M but pass gradient to their scores (W_z = I: dz_1 = dL/dm_1)
-    assert (grads["z"][1, 0, :3] != 0).all() and (grads["z"][1, 0, 4:] == 0).all()
-    for name in grads0:
-        torch.testing.assert_close(grads[name], grads0[name], msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("K", [1, 3])
-def test_fast_path_gradcheck_float64(K):
-    # float64 inputs keep the scores in float64, so finite differences check every gradient,
-    # those of W_z and z included (random scores: the selection does not flip within eps)
-    inp = make_inputs(N=6, d=5, d_ff=12, d_z=4, K=K, bias=True, seed=K, dtype=torch.float64)
-    inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
-    inp["z"] = inp["z"].detach().double().requires_grad_()
-    args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
-    assert torch.autograd.gradcheck(lambda *a: fast_inf_ffn(*a, 0.4)[0], args)
-
-
-def saved_for_backward(fn, inp):
-    """{address: bytes} of what autograd keeps for fn's backward beyond its inputs."""
-    inputs = {t.data_ptr() for t in inp.values() if t is not None}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
-    y.sum().backward()
-    return {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in inputs}
-
-
-def test_fast_path_keeps_at_most_1_5x_a_dense_ffn_for_backward():
-    # activation memory against a dense FFN of the same width, which keeps its pre-activation and
-    # its activation: 2 fp32 tokens x d_ff tensors
-    kept = saved_for_backward(fast_inf_ffn, make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True))
-    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
-
-
-def test_inductor_gives_the_fast_path_eager_values_and_memory():
-    # torch.compile's default backend fuses the path's element-wise passes and chooses afresh what to
-    # keep for backward: the same values and gradients as eager, and no more than 1.5x a dense FFN's
-    # memory (it used to keep the forward's GELU(pre) ⊙ M as well: 1.75x)
-    torch._dynamo.reset()
-    inp = make_inputs(N=64, d=16, d_ff=96, d_z=8, K=2, bias=True, seed=4)
-    dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
-    compiled = torch.compile(fast_inf_ffn, dynamic=False)
-    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
-        run(compiled, inp, 0.25, dy), run(fast_inf_ffn, inp, 0.25, dy))
-    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
-    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
-    for name in grads0:
-        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    kept = saved_for_backward(compiled, inp)
-    torch._dynamo.reset()
-    assert sum(kept.values()) <= 1.5 * 2 * 64 * 96 * 4, kept
-
-
-def test_selection_custom_ops_pass_opcheck():
-    # torch's own check of a custom op: schema, fake (meta) shapes and strides against the real op,
-    # autograd registration, and tracing by AOTAutograd (what inductor relies on)
-    torch.manual_seed(0)
-    z, W_z = torch.randn(3, 10, 4), torch.randn(16, 4)
-    m = torch.randn(10, 16)
-    torch.library.opcheck(torch.ops.infmoe.selection_scores, (z[0].requires_grad_(), W_z.requires_grad_()))
-    torch.library.opcheck(torch.ops.infmoe.row_threshold, (m, 4))
-    torch.library.opcheck(torch.ops.infmoe.averaged_topk_mask, (z.detach(), W_z.detach(), 0.25))
-
-
-def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
-    # a script that allowed TF32 / bf16 matmuls (train.py uses the legacy allow_tf32 flag) gets its
-    # flags back, and the score product itself runs with both backends at "ieee"
-    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
-    seen, matmul = [], torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda *a, **kw: seen.append(
-        (cuda.fp32_precision, mkldnn.fp32_precision)) or matmul(*a, **kw))
-    old = cuda.allow_tf32, mkldnn.fp32_precision
-    try:
-        cuda.allow_tf32, mkldnn.fp32_precision = True, "bf16"
-        z, W_z = torch.randn(5, 3), torch.randn(7, 3)
-        torch.testing.assert_close(selection_scores(z, W_z), (z.double() @ W_z.double().t()).float())
-        assert seen == [("ieee", "ieee")]
-        assert cuda.allow_tf32 is True and mkldnn.fp32_precision == "bf16"
-    finally:
-        cuda.allow_tf32, mkldnn.fp32_precision = old
-
-
-# ---- GPU readiness (kernel.py): compile check for real GPUs, one graph under torch.compile, use_kernel=auto
-
-def test_compile_check_every_kernel_on_every_arch(tmp_path):
-    # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "bench.py", "--compile-check", "--quick"], env=env,
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
-    assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
-    assert {r[1] for r in rows} == {"sm80", "sm86", "sm89", "sm90"}
-    assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
-    summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
-    assert out.stdout.splitlines()[-1] == summary
-
-
-def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
-    # `python kernel.py` at a toy shape: every row, and the activation memory against a dense FFN of
-    # width d_ff (pre-activation + activation, 8 bytes per token and unit) worked out by hand: the
-    # path keeps pre and M (8 bytes) and one keep byte per sample: 1 + K/8 of it
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "bench.py", "--tokens=64", "--d=16", "--d_ff=128", "--d_z=8",
-                          "--ks=1,2", "--rates=25,50", "--reps=1", f"--plot={tmp_path / 'b.png'}"],
-                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| FFN")]
-    assert [r[:3] for r in rows] == [["dense, width 128", "", ""], ["dense, width 64", "", ""],
-                                     ["∞-MoE, PyTorch", "1", "25%"], ["∞-MoE, PyTorch", "1", "50%"],
-                                     ["floor: dense d_ff + W_z products + thresholds", "1", "25%"],
-                                     ["∞-MoE, PyTorch", "2", "25%"], ["∞-MoE, PyTorch", "2", "50%"],
-                                     ["floor: dense d_ff + W_z products + thresholds", "2", "25%"]]
-    assert [r[-1] for r in rows] == ["1.00", "0.50", "1.12", "1.12", "", "1.25", "1.25", ""]
-    assert "the floor (dense + W_z products + thresholds" in out.stdout.splitlines()[-2]
-    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
+# ---- torch.compile and use_kernel=auto
 
 @pytest.mark.parametrize("kw", [dict(ffn="inf", use_kernel="on"), dict(ffn="inf", use_kernel="off"),
-                                dict(ffn="inf_deep", use_kernel="off", gate="pre", router_mix=2, router_depth=2)],
+                                dict(ffn="inf_deep", use_kernel="off", gate="pre", router_mix=2,
+                                     router_depth=2)],
                          ids=str)
 def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch, kw):
     # The kernel is a custom op (forward, backward) with fake versions and its autograd; the PyTorch
-    # path's selection (a flag-guarded matmul, numpy's partition) is custom ops too, so the path and its
-    # hand-written backward are traced. Either way: no graph break, and AOTAutograd (the aot_eager
-    # backend) gives eager's loss and gradients. `on` never self-checks.
-    monkeypatch.setattr(kernel, "_self_check", lambda *a: pytest.fail("use_kernel=on ran the self-check"))
+    # path's selection (a flag-guarded matmul, numpy's partition) is custom ops too, so the path and
+    # its hand-written backward are traced. Either way: no graph break, and AOTAutograd (the
+    # aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
+    monkeypatch.setattr(kernel, "_self_check",
+                        lambda *a: pytest.fail("use_kernel=on ran the self-check"))
     torch._dynamo.reset()
     model = tiny_model(n_layer=1, n_embd=16, **kw)  # 16 tokens: one row tile of the kernel
     idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
@@ -1990,24 +2148,29 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
 
     # a launch error is a verdict too
     def broken(*args):
-        raise RuntimeError("out of resources: shared memory, Required: 114688, Hardware limit: 101376")
+        raise RuntimeError("out of resources: shared memory, Required: 114688, "
+                           "Hardware limit: 101376")
 
     monkeypatch.setattr(kernel, "triton_inf_ffn", broken)
     with pytest.warns(RuntimeWarning, match="RuntimeError: out of resources: shared memory"):
         assert kernel.kernel_ok("cpu", torch.bfloat16) is False
 
 
-# ---- starting from GPT-2 and upcycling (model.from_pretrained, upcycle; --init_from in train.py, sample.py)
+# ====================================================================== pretrained.py
+
+# ---- starting from GPT-2 or a checkpoint (from_pretrained, starting_point; --init_from)
 
 SAMPLE_VAL = Path(__file__).parent / "data" / "sample" / "sample_val_000000.bin"
 
 
 @pytest.fixture(scope="module")
 def hf_gpt2(tmp_path_factory):
-    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores it.
-    Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new differ (~1e-3)."""
+    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores
+    it. Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new
+    differ (~1e-3)."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.1))
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                    initializer_range=0.1))
     hf.eval()
     with torch.no_grad():  # non-zero biases and norms, so a mix-up of any of them shows
         for name, p in hf.named_parameters():
@@ -2026,9 +2189,11 @@ def hf_logits(hf, idx):
 @pytest.mark.parametrize("fmt", ["safetensors", "openai_bin"])
 def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, fmt):
     hf, path = hf_gpt2
-    if fmt == "openai_bin":  # OpenAI's original file: no "transformer." prefix, causal-mask buffers, no head
+    # OpenAI's original file: no "transformer." prefix, causal-mask buffers, no head
+    if fmt == "openai_bin":
         (tmp_path / "config.json").write_text((path / "config.json").read_text())
-        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()
+                 if k != "lm_head.weight"}
         state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(2)})
         torch.save(state, tmp_path / "pytorch_model.bin")
         path = tmp_path
@@ -2042,13 +2207,16 @@ def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, fmt):
 
 @pytest.mark.parametrize("ffn", ["dense", "top2"])
 def test_eval_only_val_loss_equals_transformers(hf_gpt2, tmp_path, ffn):
-    """--eval_only --init_from=DIR scores the bundled val shard's first batches as transformers does;
-    upcycled into top2 (renormalised weights, every expert a copy) it is still the same function."""
+    """--eval_only --init_from=DIR scores the bundled val shard's first batches as transformers
+    does; upcycled into top2 (renormalised weights, every expert a copy) it is still the same
+    function."""
     hf, path = hf_gpt2
     B, T, iters = 2, 64, 2
     record = train.main([f"--init_from={path}", "--eval_only", f"--ffn={ffn}", f"--batch_size={B}",
-                         f"--eval_iters={iters}", f"--out_dir={tmp_path}", f"--data_dir={SAMPLE_VAL.parent}"])
-    tokens = torch.from_numpy(np.fromfile(SAMPLE_VAL, dtype=np.uint16, offset=256 * 4).astype(np.int64))
+                         f"--eval_iters={iters}", f"--out_dir={tmp_path}",
+                         f"--data_dir={SAMPLE_VAL.parent}"])
+    tokens = torch.from_numpy(
+        np.fromfile(SAMPLE_VAL, dtype=np.uint16, offset=256 * 4).astype(np.int64))
     losses = []
     for k in range(iters):  # batch k: B rows of T tokens, targets shifted by one
         buf = tokens[k * B * T: (k + 1) * B * T + 1]
@@ -2063,34 +2231,43 @@ def test_init_from_takes_the_shape_from_the_source(hf_gpt2, tmp_path):
         from_pretrained(str(path), {"n_layer": 4})
     with pytest.raises(ValueError, match="only 64 positions"):
         from_pretrained(str(path), {"block_size": 128})
-    with pytest.raises(ValueError, match="gelu_approx"):  # ffn=inf of a GPT-2 would need the tanh GELU
+    # ffn=inf of a GPT-2 would need the tanh GELU
+    with pytest.raises(ValueError, match="gelu_approx"):
         from_pretrained(str(path), {"ffn": "inf", "gelu_approx": "tanh"})
     with pytest.raises(FileNotFoundError, match="--init_from=nowhere: no such checkpoint"):
         from_pretrained("nowhere")
-    model = from_pretrained(str(path), {"block_size": 16, "dropout": 0.2, "n_head": 4})  # crop, free, same
+    # crop, free, same
+    model = from_pretrained(str(path), {"block_size": 16, "dropout": 0.2, "n_head": 4})
     assert model.config.block_size == 16 and model.config.dropout == 0.2
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
         ours, _ = model.eval()(idx, idx)
     torch.testing.assert_close(ours, hf_logits(hf, idx), rtol=1e-5, atol=1e-5)
-    res = subprocess.run([sys.executable, "train.py", f"--init_from={path}", "--n_embd=64", "--eval_only"],
-                         capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--n_embd=64 differs" in res.stderr
+    res = subprocess.run([sys.executable, "train.py", f"--init_from={path}", "--n_embd=64",
+                          "--eval_only"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert (res.returncode == 2 and res.stderr.strip().count("\n") == 0
+            and "--n_embd=64 differs" in res.stderr)
 
 
 def test_init_from_our_checkpoint_and_out_dir(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=dense", "--max_iters=2", "--eval_interval=2"))
     ckpt = load_checkpoint(out / "ckpt.pt")
-    for source in (out, out / "ckpt.pt"):  # train.py and sample.py read our files; from_pretrained builds
-        assert pretrained.starting_point(str(source), str(tmp_path))[0] is None  # not a resume: a new run
-        model = from_pretrained(str(source), weights=pretrained.starting_point(str(source), str(tmp_path))[1])
+    # train.py and sample.py read our files; from_pretrained builds
+    for source in (out, out / "ckpt.pt"):
+        # not a resume: a new run
+        assert pretrained.starting_point(str(source), str(tmp_path))[0] is None
+        model = from_pretrained(str(source),
+                                weights=pretrained.starting_point(str(source), str(tmp_path))[1])
         assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
-    # training from it starts at step 0 from its weights: same val loss as the source at its last step
+    # training from it starts at step 0 from its weights: same val loss as the source at its last
+    # step
     log = train.main(tiny_run(shards, tmp_path / "b", f"--init_from={out}", "--eval_only"))
     assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-6)
-    # upcycled into top2 (the source's d_ff_mult is 0, dense's default 4d: experts of 4d, d_ff_mult 16)
-    log = train.main(tiny_run(shards, tmp_path / "c", f"--init_from={out}", "--eval_only", "--ffn=top2"))
+    # upcycled into top2 (the source's d_ff_mult is 0, dense's default 4d: experts of 4d,
+    # d_ff_mult 16)
+    log = train.main(tiny_run(shards, tmp_path / "c", f"--init_from={out}", "--eval_only",
+                              "--ffn=top2"))
     assert log["val_loss"] == pytest.approx(read_log(out)[-1]["val_loss"], abs=1e-5)
 
 
@@ -2101,15 +2278,15 @@ def test_sample_from_hf_gpt2_is_transformers_greedy(hf_gpt2):
     x = torch.tensor([ids])
     for _ in range(5):  # greedy decoding with transformers, by hand
         x = torch.cat([x, hf_logits(hf, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    texts = sample.main([f"--init_from={path}", "--start=Hello, I'm a language model,", "--num_samples=1",
-                         "--max_new_tokens=5", "--top_k=1"])
+    texts = sample.main([f"--init_from={path}", "--start=Hello, I'm a language model,",
+                         "--num_samples=1", "--max_new_tokens=5", "--top_k=1"])
     assert texts == [enc.decode(x[0].tolist())]
 
 
 def test_hub_name_offline_or_without_huggingface_hub_is_a_one_line_error(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # empty cache, no network
-    res = subprocess.run([sys.executable, "sample.py", "--init_from=gpt2"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent, env=env)
+    res = subprocess.run([sys.executable, "sample.py", "--init_from=gpt2"], capture_output=True,
+                         text=True, cwd=Path(__file__).parent, env=env)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "openai-community/gpt2's config.json and model.safetensors" in res.stderr
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
@@ -2117,9 +2294,12 @@ def test_hub_name_offline_or_without_huggingface_hub_is_a_one_line_error(tmp_pat
         from_pretrained("gpt2-medium")
 
 
+# ---- upcycling
+
 def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
-    """Every expert copies GPT-2's MLP, so switch = transformers' GPT-2 with each MLP output scaled by the
-    top router probability of its own layer (computed here from the router weights alone)."""
+    """Every expert copies GPT-2's MLP, so switch = transformers' GPT-2 with each MLP output scaled
+    by the top router probability of its own layer (computed here from the router weights
+    alone)."""
     hf, path = hf_gpt2
     model = from_pretrained(str(path), {"ffn": "switch"}).eval()
     assert model.config.d_ff_mult == 16 and model.config.n_expert == 4  # 4 experts of GPT-2's 4d
@@ -2127,7 +2307,8 @@ def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
         for block in model.transformer.h:  # a router that prefers some experts, so p_max varies
             block.mlp.W_r.weight.normal_(0, 1.0)
     hooks = [hf.transformer.h[i].mlp.register_forward_hook(
-        lambda mod, inp, out, W_r=block.mlp.W_r.weight: out * (inp[0] @ W_r.t()).softmax(-1).amax(-1, True))
+        lambda mod, inp, out, W_r=block.mlp.W_r.weight:
+            out * (inp[0] @ W_r.t()).softmax(-1).amax(-1, True))
         for i, block in enumerate(model.transformer.h)]
     idx = torch.randint(0, 50257, (2, 32))
     try:
@@ -2142,7 +2323,8 @@ def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
     with pytest.raises(ValueError, match="d_ff_mult must be 16"):
         from_pretrained(str(path), {"ffn": "switch", "d_ff_mult": 8})
     weights = dataclasses.asdict(model.config), model.state_dict()
-    with pytest.raises(ValueError, match="--ffn=inf differs from its ffn=switch"):  # upcycling is from dense
+    # upcycling is from dense
+    with pytest.raises(ValueError, match="--ffn=inf differs from its ffn=switch"):
         from_pretrained("s.pt", {"ffn": "inf"}, weights=weights)
 
 
@@ -2151,15 +2333,17 @@ def test_expected_mask_value_against_monte_carlo(top_frac):
     torch.manual_seed(0)
     d_ff, d_z = 1024, 128
     W_z = torch.randn(d_ff, d_z) / math.sqrt(d_z)  # InfMoE's initialisation
-    M, _, _ = averaged_topk_mask(torch.randn(2, 2000, d_z), W_z, top_frac)  # z ~ N(0, I): mu = 0, sigma = 1
+    # z ~ N(0, I): mu = 0, sigma = 1
+    M, _, _ = averaged_topk_mask(torch.randn(2, 2000, d_z), W_z, top_frac)
     assert M.mean().item() == pytest.approx(expected_mask_value(top_frac), rel=0.02)
     with pytest.raises(ValueError, match="top_frac"):
         expected_mask_value(1.0)
 
 
 def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
-    """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its FFN
-    output is close to the dense MLP's, one sample is far from it; router and W_z keep their fresh init."""
+    """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its
+    FFN output is close to the dense MLP's, one sample is far from it; router and W_z keep their
+    fresh init."""
     hf, path = hf_gpt2
     torch.manual_seed(3)
     model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
@@ -2171,19 +2355,80 @@ def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
                                                  fresh.transformer.h[0].mlp.router.parameters()))
     x = torch.randn(64, 32)
     with torch.no_grad():
-        want = F.gelu(x @ dense.c_fc.weight + dense.c_fc.bias) @ dense.c_proj.weight + dense.c_proj.bias
+        want = (F.gelu(x @ dense.c_fc.weight + dense.c_fc.bias) @ dense.c_proj.weight
+                + dense.c_proj.bias)
         model.set_sampling(z_samples=512)
         mean = layer(x)
         model.set_sampling(z_samples=1)
         one = layer(x)
     hidden = (want - dense.c_proj.bias).norm()  # the part that goes through the hidden units
     err = lambda y: ((y - want).norm() / hidden).item()  # noqa: E731
-    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms, mu != 0);
-    # without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
+    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms,
+    # mu != 0); without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
     assert err(mean) < 0.25 and err(one) > 0.8
 
 
-# ----------------------------------------------------------------------------- compare.py
+# ====================================================================== infra.py
+
+def test_help_lists_every_option_with_default_and_meaning(capsys):
+    assert train.main(["--help"]) is None
+    text = capsys.readouterr().out
+    for config in (train.TrainConfig(), GPTConfig(**train.TINY_MODEL)):
+        for f in dataclasses.fields(config):
+            assert f"--{f.name}=" in text, f.name
+    assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
+    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
+        assert [name for name, note in infra.field_help(cls).items()
+                if not note] == [], cls.__name__
+    assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
+    sample.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}=" in text for f in dataclasses.fields(sample.SampleConfig))
+    assert "--top_k=200" in text and "0: no top-k filtering" in text
+
+
+# ====================================================================== bench.py
+
+def test_compile_check_every_kernel_on_every_arch(tmp_path):
+    # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "bench.py", "--compile-check", "--quick"], env=env,
+                         capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
+    assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
+    assert {r[1] for r in rows} == {"sm80", "sm86", "sm89", "sm90"}
+    assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
+    summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
+    assert out.stdout.splitlines()[-1] == summary
+
+
+def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
+    # `python kernel.py` at a toy shape: every row, and the activation memory against a dense FFN of
+    # width d_ff (pre-activation + activation, 8 bytes per token and unit) worked out by hand: the
+    # path keeps pre and M (8 bytes) and one keep byte per sample: 1 + K/8 of it
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "bench.py", "--tokens=64", "--d=16", "--d_ff=128",
+                          "--d_z=8", "--ks=1,2", "--rates=25,50", "--reps=1",
+                          f"--plot={tmp_path / 'b.png'}"],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| FFN")]
+    assert [r[:3] for r in rows] == [["dense, width 128", "", ""], ["dense, width 64", "", ""],
+                                     ["∞-MoE, PyTorch", "1", "25%"], ["∞-MoE, PyTorch", "1", "50%"],
+                                     ["floor: dense d_ff + W_z products + thresholds", "1", "25%"],
+                                     ["∞-MoE, PyTorch", "2", "25%"], ["∞-MoE, PyTorch", "2", "50%"],
+                                     ["floor: dense d_ff + W_z products + thresholds", "2", "25%"]]
+    assert [r[-1] for r in rows] == ["1.00", "0.50", "1.12", "1.12", "", "1.25", "1.25", ""]
+    assert "the floor (dense + W_z products + thresholds" in out.stdout.splitlines()[-2]
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ====================================================================== compare.py
 
 def test_compare_tables_and_plots_finished_runs(tmp_path):
     # three dense seeds with hand-made curves, one variant, one unfinished run (left out)
@@ -2193,7 +2438,8 @@ def test_compare_tables_and_plots_finished_runs(tmp_path):
         with open(out / "log.jsonl", "w") as f:
             for step, v in curve:
                 f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
-                f.write(json.dumps({"step": step + 10, "loss": v, "tokens_per_s": tok_s.pop(0)}) + "\n")
+                f.write(json.dumps({"step": step + 10, "loss": v,
+                                    "tokens_per_s": tok_s.pop(0)}) + "\n")
         ckpt = {"model_args": dataclasses.asdict(tiny(ffn)), "iter_num": curve[-1][0],
                 "config": {"max_iters": 200}}
         infra.save_checkpoint(str(out / "ckpt.pt"), ckpt)
@@ -2205,11 +2451,13 @@ def test_compare_tables_and_plots_finished_runs(tmp_path):
     fake_run("inf-s1337", "inf", [(0, 11.0), (100, 7.0)], [1.0, 1.0])  # stopped before step 200
     rows = compare.summarise(str(tmp_path))
     assert list(rows) == ["dense", "inf_deep"]
-    assert rows["dense"]["final"] == [6.25, 6.20, 6.30] and rows["dense"]["seeds"] == [1337, 1338, 1339]
+    assert (rows["dense"]["final"] == [6.25, 6.20, 6.30]
+            and rows["dense"]["seeds"] == [1337, 1338, 1339])
     assert rows["dense"]["active"] == GPT(tiny("dense")).num_params()[1]
     lines = compare.table(rows).splitlines()
     # mean 6.25, spread 0.10, tokens/s the mean of the runs' medians (500, 250, 450)
-    assert lines[2] == ("| dense | `--ffn=dense` | 3 | 6.2500 (6.2500, 6.2000, 6.3000) | 0.1000 | 400 | "
+    assert lines[2] == ("| dense | `--ffn=dense` | 3 | 6.2500 (6.2500, 6.2000, 6.3000) "
+                        "| 0.1000 | 400 | "
                         f"{GPT(tiny('dense')).num_params()[1] / 1e6:.2f}M |")
     assert lines[3].startswith("| inf_deep | `--ffn=inf_deep` | 1 | 6.4000 |  | 60 |")
     png = tmp_path / "val_loss.png"

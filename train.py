@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from infra import (Logger, UsageError, check_dtype, check_ranges, leave_process_group,
-                   pick_device, prepare_out_dir, read_flags, reduce_mean, rng_states,
-                   save_checkpoint, set_rng_state, start_process, usage)
+from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_ranges,
+                   leave_process_group, pick_device, prepare_out_dir, read_flags, reduce_mean,
+                   rng_states, save_checkpoint, set_rng_state, start_process, usage)
 from model import GPT, INFERENCE_KNOBS, GPTConfig
 from model import RANGES as MODEL_RANGES
 from prepare_fineweb import (EOT, HELLASWAG_PATH, DataError, check_dataset, get_tokenizer,
@@ -73,7 +73,7 @@ class TrainConfig:
 # The valid values of each numeric option (model.py holds GPTConfig's).
 RANGES = {
     "hellaswag_limit": ">= 0", "eval_interval": ">= 1", "eval_iters": ">= 1",
-    "log_interval": ">= 1", "seed": ">= 0", "batch_size": ">= 1",
+    "log_interval": ">= 1", "seed": SEED_RANGE, "batch_size": ">= 1",
     "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "min_lr": ">= 0",
     "max_iters": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "weight_decay": ">= 0",
     "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": ">= 0",
