@@ -5,6 +5,7 @@ Measures the ∞-MoE FFN's fast paths (kernel.py), the way nanoGPT's bench.py me
                                     # the PyTorch path on any device, the Triton kernel on CUDA
   python bench.py --quick           # K=2, r=25% only
   python bench.py --compile-check   # compile every Triton kernel for sm80-sm90, no GPU needed
+  python bench.py --params          # parameters of every FFN, and one layer's activation memory
 
 On the CPU the times are noisy on a shared machine: compare the ratios, which are measured within
 one run, every case timed once per round.
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import ctypes
 import io
+import os
 import re
 import sys
 import time
@@ -387,6 +389,55 @@ def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32)
     return fail + spill + over
 
 
+# ----------------------------------------------------------------------------- parameters, memory
+
+def params_and_memory():
+    """`python bench.py --params`: total and active parameters of every FFN at GPT-2 Small and
+    Medium width, and the memory one FFN layer keeps for backward (the README's tables)."""
+    from model import FFNS, GPT, DenseFFN, GPTConfig, InfMoE
+    print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n"
+          "|---|---|---|---|---|")
+    for ffn in FFNS:
+        row = []
+        for L, H, d in ((12, 12, 768), (24, 16, 1024)):
+            with torch.device("meta"):
+                model = GPT(GPTConfig(ffn=ffn, n_layer=L, n_head=H, n_embd=d))
+            row += [f"{n / 1e6:.1f}M" for n in model.num_params()]
+        print(f"| {ffn} | " + " | ".join(row) + " |")
+    if not hasattr(os, "fork"):
+        print("\n(the memory table needs os.fork: not on this platform)")
+        return
+    print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward "
+          "| peak RSS growth fwd+bwd |\n|---|---|---|---|")
+    measure("dense FFN, d_ff = 4d", lambda: DenseFFN(GPTConfig(ffn="dense")))
+    measure("dense FFN, d_ff = 8d", lambda: DenseFFN(GPTConfig(ffn="dense", d_ff_mult=8)))
+    measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", lambda: InfMoE(GPTConfig(ffn="inf")))
+
+
+def measure(name, make_layer, N=4096):
+    """One layer's activation memory and peak RSS growth, in a forked child so that its peak RSS is
+    this layer's alone (a fresh high-water mark). The parent does no tensor math before forking: an
+    OpenMP pool started there would hang the child."""
+    import resource
+    if os.fork():
+        os.wait()
+        return
+    torch.manual_seed(0)
+    layer = make_layer()
+    params = {p.data_ptr() for p in layer.parameters()}
+    x = torch.randn(N, layer.W1.in_features)
+    saved = []
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.square().mean().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    acts = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.data_ptr() not in params}
+    print(f"| {name} | {N} | {sum(acts.values()) / 2**20:.0f} MiB | {peak / 2**10:.0f} MiB |",
+          flush=True)
+    os._exit(0)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def compile_check_main(argv):
@@ -420,6 +471,8 @@ def compile_check_main(argv):
 def main():
     if "--compile-check" in sys.argv[1:]:
         raise SystemExit(1 if compile_check_main(sys.argv[1:]) else 0)
+    if sys.argv[1:] == ["--params"]:
+        return params_and_memory()
     p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against "
                                 "dense FFNs of width d_ff and 4d: the PyTorch path "
                                 "(kernel.fast_inf_ffn) on any device, the Triton kernel too on "

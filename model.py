@@ -12,7 +12,7 @@ Reading order: the config, attention, the dense FFN, then ∞-MoE: `inf_ffn` sta
 paper's equations, `InfMoE` is the layer (router, K samples of z, that FFN). Then switch/top2 and
 GPT itself. Below GPT, optional reading: the flags for the paper's open directions (a deeper router,
 a mixture-of-Gaussians router, the mask before the activation, inf_deep). The fast paths of the
-∞-MoE FFN live in kernel.py; loading GPT-2 and upcycling a dense model, in pretrained.py.
+∞-MoE FFN live in kernel.py; infra.py reads GPT-2 and our checkpoints.
 
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
@@ -20,6 +20,7 @@ causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 
 import math
 import warnings
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
@@ -582,7 +583,7 @@ class GPT(nn.Module):
 
 # =============================================================================================
 # Optional reading. Everything above is the method and its baselines; below are the flags for
-# the paper's open directions, off by default. (Starting from trained weights: pretrained.py.)
+# the paper's open directions, off by default, and upcycling a trained dense model.
 # =============================================================================================
 
 # ----------------------------------------------------------------------------- ∞-MoE variants
@@ -690,45 +691,69 @@ FFNS = {"dense": DenseFFN, "switch": TopKMoE, "top2": Top2MoE, "inf": InfMoE,
         "inf_deep": DeepInfMoE}
 
 
-if __name__ == "__main__":
-    # `python model.py`: the parameter table and the memory one ∞-MoE layer keeps for backward
-    import os
-    import resource
+# ----------------------------------------------------------------------------- upcycling
+# infra.from_pretrained builds our GPT from trained weights; from a dense source into an MoE it
+# calls upcycle.
 
-    print("| ffn | GPT-2 Small total | active | GPT-2 Medium total | active |\n"
-          "|---|---|---|---|---|")
-    for ffn in FFNS:
-        row = []
-        for L, H, d in ((12, 12, 768), (24, 16, 1024)):
-            with torch.device("meta"):
-                model = GPT(GPTConfig(ffn=ffn, n_layer=L, n_head=H, n_embd=d))
-            row += [f"{n / 1e6:.1f}M" for n in model.num_params()]
-        print(f"| {ffn} | " + " | ".join(row) + " |")
+def expected_mask_value(top_frac):
+    """E[M_j], the mean mask value of one hidden unit at initialisation (any K: M averages K masks).
 
-    def measure(name, make_layer, N=4096):
-        """Run in a forked child so its peak RSS is this layer's alone (a fresh high-water mark).
-        The parent does no tensor math before forking: an OpenMP pool started there would hang
-        the child."""
-        if os.fork():
-            os.wait()
-            return
-        torch.manual_seed(0)
-        layer = make_layer()
-        params = {p.data_ptr() for p in layer.parameters()}
-        x = torch.randn(N, layer.W1.in_features)
-        saved = []
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = layer(x)
-        y.square().mean().backward()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
-        acts = {t.data_ptr(): t.numel() * t.element_size() for t in saved
-                if t.data_ptr() not in params}
-        print(f"| {name} | {N} | {sum(acts.values()) / 2**20:.0f} MiB | {peak / 2**10:.0f} MiB |")
-        os._exit(0)
+    A fresh router gives mu ≈ 0, sigma ≈ 1, so z ~ N(0, I); W_z's rows have norm ≈ 1, so each score
+    m_j = W_z[j] . z is ~ N(0, 1). A sample keeps the top r of the scores, those above the (1 - r)
+    quantile t, at their own values: E[m 1{m > t}] = phi(t), the standard normal density at t
+    (0.318 for r = 25%).
+    """
+    if not 0.0 < top_frac < 1.0:
+        raise ValueError(f"top_frac={top_frac}: upcycling into ffn=inf needs 0 < top_frac < 1")
+    normal = NormalDist()
+    return normal.pdf(normal.inv_cdf(1.0 - top_frac))
 
-    print("\n| layer (GPT-2 Small width, fp32, CPU) | tokens | saved for backward "
-          "| peak RSS growth fwd+bwd |\n|---|---|---|---|")
-    measure("dense FFN, d_ff = 4d", lambda: DenseFFN(GPTConfig(ffn="dense")))
-    measure("dense FFN, d_ff = 8d", lambda: DenseFFN(GPTConfig(ffn="dense", d_ff_mult=8)))
-    measure("∞-MoE PyTorch path, d_ff = 8d, K = 2, r = 25%", lambda: InfMoE(GPTConfig(ffn="inf")))
+
+@torch.no_grad()
+def upcycle(model, dense_state, d_dense):
+    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): fill `model`, a freshly
+    initialised switch/top2/inf GPT, from a dense GPT's state dict of hidden width d_dense.
+    Embeddings, attention, norms and b2 are copied; routers and W_z keep their fresh initialisation.
+
+      switch/top2  every expert is a full copy of the dense MLP (needs d_ff = n_expert * d_dense).
+                   top2's renormalised weights sum to 1, so at step 0 it computes exactly the dense
+                   model; switch computes each FFN output times the chosen expert's probability.
+      inf          hidden unit j is dense unit j mod d_dense (needs d_ff a multiple of it: R copies
+                   each), and W2 is divided by R * E[M_j]: averaged over the routing noise and the
+                   fresh W_z, the FFN output equals the dense one (expected_mask_value). Per
+                   token it is the dense FFN with its units re-weighted at random (mean 1), so
+                   step-0 loss is above the source's.
+    """
+    c = model.config
+    if c.ffn in ("switch", "top2") and c.d_ff != c.n_expert * d_dense:
+        raise ValueError(f"upcycling into {c.ffn}: each of the {c.n_expert} experts copies the "
+                         f"dense MLP, so d_ff_mult must be {c.n_expert * d_dense // c.n_embd} "
+                         f"(got {c.d_ff_mult})")
+    if c.ffn == "inf" and c.d_ff % d_dense:
+        raise ValueError(f"upcycling into inf: d_ff_mult={c.d_ff_mult} must be a multiple of the "
+                         f"dense source's {d_dense // c.n_embd}")
+    rest = {k: v for k, v in dense_state.items() if ".mlp." not in k}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    if unexpected or any(".mlp." not in k for k in missing):
+        raise ValueError(f"upcycling: the dense source does not match the model "
+                         f"({(missing + unexpected)[:3]} ...)")
+    for i, block in enumerate(model.transformer.h):
+        prefix = f"transformer.h.{i}.mlp."
+        src = {k[len(prefix):]: v for k, v in dense_state.items() if k.startswith(prefix)}
+        W1, b1, W2, b2 = src["W1.weight"], src.get("W1.bias"), src["W2.weight"], src.get("W2.bias")
+        mlp = block.mlp
+        if c.ffn in ("switch", "top2"):   # experts stored (E, in, out): nn.Linear's transposes
+            mlp.W1.copy_(W1.t().expand_as(mlp.W1))
+            mlp.W2.copy_(W2.t().expand_as(mlp.W2))
+            if mlp.b1 is not None:
+                mlp.b1.copy_(b1.expand_as(mlp.b1))
+                mlp.b2.copy_(b2.expand_as(mlp.b2))
+        else:
+            unit = torch.arange(c.d_ff) % d_dense            # hidden unit j copies dense unit j mod
+            scale = 1.0 / ((c.d_ff // d_dense) * expected_mask_value(c.top_frac))
+            mlp.W1.weight.copy_(W1[unit])
+            mlp.W2.weight.copy_(W2[:, unit] * scale)
+            if mlp.W1.bias is not None:
+                mlp.W1.bias.copy_(b1[unit])
+                mlp.W2.bias.copy_(b2)
+    return model

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from infra import (SEED_RANGE, UsageError, autocast, check_dtype, check_ranges, parse_args,
-                   pick_device, usage)
+from infra import (SEED_RANGE, UsageError, autocast, check_dtype, check_ranges, from_pretrained,
+                   parse_args, pick_device, starting_point, usage)
 from model import GPT, GPTConfig
 from prepare_fineweb import get_tokenizer
-from pretrained import from_pretrained, starting_point
 
 
 @dataclass

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,17 +30,15 @@ import compare
 import infra
 import kernel
 import prepare_fineweb
-import pretrained
 import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
-from infra import UsageError, load_checkpoint
+from infra import UsageError, from_pretrained, load_checkpoint
 from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
-from model import GPT, GPTConfig, inf_ffn
-from pretrained import expected_mask_value, from_pretrained
+from model import GPT, GPTConfig, expected_mask_value, inf_ffn
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths, write_shard)
-from train import collate, hellaswag_eval, render_example, score_endings
+from zeroshot import collate, hellaswag_eval, render_example, score_endings
 
 FFNS = list(model_py.FFNS)
 
@@ -156,6 +155,34 @@ def write_fixture(path):
             label = i % 4
             endings = wrong[:label] + [right] + wrong[label:]
             f.write(json.dumps({"ctx": ctx, "endings": endings, "label": label}) + "\n")
+
+
+# ---- a small random GPT-2 of transformers
+
+SAMPLE_VAL = REPO / "data" / "sample" / "sample_val_000000.bin"
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores
+    it. Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new
+    differ (~1e-3)."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                    initializer_range=0.1))
+    hf.eval()
+    with torch.no_grad():  # non-zero biases and norms, so a mix-up of any of them shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
 
 
 # ====================================================================== model.py
@@ -390,8 +417,6 @@ def test_routing_stats_entropy_against_hand_computation():
     layer = tiny_model("inf").transformer.h[0].mlp
     x, eps = torch.randn(10, 32), torch.randn(2, 10, 8)
     layer(x, eps=eps)
-    _, counts, n_active = fast_inf_ffn(x, layer.W1.weight, layer.W1.bias, layer.W2.weight,
-                                            layer.W2.bias, layer.W_z, torch.zeros(2, 10, 8), 0.25)
     # recompute q by hand from the selected index sets
     mu, logvar = router_by_hand(layer, x)
     sigma = torch.exp(0.5 * logvar)
@@ -399,6 +424,10 @@ def test_routing_stats_entropy_against_hand_computation():
     for k in range(2):
         idx = ((mu + sigma * eps[k]) @ layer.W_z.t()).topk(64, dim=-1).indices
         hits += torch.bincount(idx.flatten(), minlength=256).float()
+    with torch.no_grad():  # the path's own counts of the same selections
+        _, counts, _ = fast_inf_ffn(x, layer.W1.weight, layer.W1.bias, layer.W2.weight,
+                                    layer.W2.bias, layer.W_z, mu + sigma * eps, 0.25)
+    assert torch.equal(counts, hits)
     q = hits / hits.sum()
     H = -(q[q > 0] * q[q > 0].log()).sum() / math.log(256)
     assert abs(layer.stats["entropy"].item() - H.item()) < 1e-5
@@ -689,6 +718,80 @@ def test_an_ffn_must_state_its_active_params(monkeypatch):
     assert total - active == 2 * (32 * 32 + 32 - 7)  # two layers, each its own statement
 
 
+# ---- upcycling
+
+def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
+    """Every expert copies GPT-2's MLP, so switch = transformers' GPT-2 with each MLP output scaled
+    by the top router probability of its own layer (computed here from the router weights
+    alone)."""
+    hf, path = hf_gpt2
+    model = from_pretrained(str(path), {"ffn": "switch"}).eval()
+    assert model.config.d_ff_mult == 16 and model.config.n_expert == 4  # 4 experts of GPT-2's 4d
+    with torch.no_grad():
+        for block in model.transformer.h:  # a router that prefers some experts, so p_max varies
+            block.mlp.W_r.weight.normal_(0, 1.0)
+    hooks = [hf.transformer.h[i].mlp.register_forward_hook(
+        lambda mod, inp, out, W_r=block.mlp.W_r.weight:
+            out * (inp[0] @ W_r.t()).softmax(-1).amax(-1, True))
+        for i, block in enumerate(model.transformer.h)]
+    idx = torch.randint(0, 50257, (2, 32))
+    try:
+        expected = hf_logits(hf, idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        ours, _ = model(idx, idx)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, hf_logits(hf, idx), atol=1e-3)  # the scaling is visible
+    with pytest.raises(ValueError, match="d_ff_mult must be 16"):
+        from_pretrained(str(path), {"ffn": "switch", "d_ff_mult": 8})
+    weights = dataclasses.asdict(model.config), model.state_dict()
+    # upcycling is from dense
+    with pytest.raises(ValueError, match="--ffn=inf differs from its ffn=switch"):
+        from_pretrained("s.pt", {"ffn": "inf"}, weights=weights)
+
+
+@pytest.mark.parametrize("top_frac", [0.1, 0.25, 0.5])
+def test_expected_mask_value_against_monte_carlo(top_frac):
+    torch.manual_seed(0)
+    d_ff, d_z = 1024, 128
+    W_z = torch.randn(d_ff, d_z) / math.sqrt(d_z)  # InfMoE's initialisation
+    # z ~ N(0, I): mu = 0, sigma = 1
+    M, _, _ = averaged_topk_mask(torch.randn(2, 2000, d_z), W_z, top_frac)
+    assert M.mean().item() == pytest.approx(expected_mask_value(top_frac), rel=0.02)
+    with pytest.raises(ValueError, match="top_frac"):
+        expected_mask_value(1.0)
+
+
+def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
+    """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its
+    FFN output is close to the dense MLP's, one sample is far from it; router and W_z keep their
+    fresh init."""
+    hf, path = hf_gpt2
+    torch.manual_seed(3)
+    model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
+    torch.manual_seed(3)
+    fresh = GPT(model.config)  # the same draws: router and W_z must be left as initialised
+    layer, dense = model.transformer.h[0].mlp, hf.transformer.h[0].mlp
+    assert torch.equal(layer.W_z, fresh.transformer.h[0].mlp.W_z)
+    assert all(torch.equal(a, b) for a, b in zip(layer.router.parameters(),
+                                                 fresh.transformer.h[0].mlp.router.parameters()))
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        want = (F.gelu(x @ dense.c_fc.weight + dense.c_fc.bias) @ dense.c_proj.weight
+                + dense.c_proj.bias)
+        model.set_sampling(z_samples=512)
+        mean = layer(x)
+        model.set_sampling(z_samples=1)
+        one = layer(x)
+    hidden = (want - dense.c_proj.bias).norm()  # the part that goes through the hidden units
+    err = lambda y: ((y - want).norm() / hidden).item()  # noqa: E731
+    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms,
+    # mu != 0); without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
+    assert err(mean) < 0.25 and err(one) > 0.8
+
+
 # ====================================================================== train.py
 
 # ---- training
@@ -754,7 +857,7 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
     train.main(tiny_run(shards, tmp_path / "one", *args))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", *tiny_run(shards, tmp_path / "two", *args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent,
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     one = [r for r in read_log(tmp_path / "one") if "loss" in r]
@@ -853,7 +956,7 @@ def test_bad_options_are_named(shards, tmp_path):
         train.main([f"--data_dir={shards}", f"--out_dir={tmp_path / 'out'}", "--eval_iters=2",
                     "--ffn=top2", "--compile", "--device=cpu", "--dtype=float32"])
     res = subprocess.run([sys.executable, "train.py", "--learning_rat=1"], capture_output=True,
-                         text=True, cwd=Path(__file__).parent)
+                         text=True, cwd=REPO, timeout=600)
     assert res.returncode != 0 and "unknown option --learning_rat" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -907,12 +1010,11 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
 
 
 def test_one_line_error_and_exit_status_2(shards, tmp_path):
-    root = Path(__file__).parent
     for script, argv, words in [("train.py", tiny_run(shards, tmp_path, "--eval_iters=0"),
                                  "--eval_iters=0"),
                                 ("sample.py", ["--top_k=-5"], "--top_k=-5")]:
         res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
-                             cwd=root)
+                             cwd=REPO, timeout=600)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and words in res.stderr
         assert res.stderr.count("\n") == 1, res.stderr
 
@@ -1043,166 +1145,6 @@ def test_log_holds_each_step_once_after_a_resume(shards, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in log if "val_loss" in r] == [0, 2, 4, 6]
     assert 9.0 not in [r["loss"] for r in log if "loss" in r]
-
-
-# ---- HellaSwag scoring
-
-V = 50257
-
-
-class Bigram(nn.Module):
-    """Fake GPT whose next-token distribution depends only on the current token: a few hand-set
-    rows {current: {next: p}}, the rest of each row's mass spread evenly; unlisted tokens predict
-    uniformly. Its logits are exact log-probabilities, so every log-likelihood can be worked out by
-    hand."""
-
-    def __init__(self, rows, block_size=64):
-        super().__init__()
-        self.config = SimpleNamespace(block_size=block_size)
-        self.rows = rows
-
-    def forward(self, idx, targets=None):
-        logits = torch.full((*idx.shape, V), -math.log(V))
-        for cur, nxt in self.rows.items():
-            row = torch.full((V,), math.log((1 - sum(nxt.values())) / (V - len(nxt))))
-            row[list(nxt)] = torch.tensor(list(nxt.values())).log()
-            logits[idx == cur] = row
-        return logits, None
-
-
-def hand_model():
-    enc = get_tokenizer()
-    tok = lambda s: enc.encode_ordinary(s)[0]
-    dot, dog, cat, fish, bird = (tok(s) for s in (".", " dog", " cat", " fish", " bird"))
-    # after ".": " dog" 0.3, " cat" 0.5, " fish"/" bird" 0.05;  after " cat": " cat" 0.5
-    return Bigram({dot: {dog: 0.3, cat: 0.5, fish: 0.05, bird: 0.05}, cat: {cat: 0.5}})
-
-
-ENDINGS = ["dog", "cat cat cat", "fish", "bird"]
-
-
-def test_hand_worked_acc_and_acc_norm():
-    # every ctx ends in "." so, by hand:   dog          cat cat cat       fish / bird
-    #   summed log-likelihood           log .3 = -1.20   3 log .5 = -2.08   log .05 = -3.00
-    #   per-token average               -1.20            log .5 = -0.69     -3.00
-    # acc picks "dog" (highest sum), acc_norm picks "cat cat cat" (highest average): they disagree.
-    model = hand_model()
-    enc = get_tokenizer()
-    tokens, mask, _ = render_example({"ctx": "It rained.", "endings": ENDINGS, "label": 0}, enc)
-    total, mean = score_endings(model, tokens, mask, nullcontext())
-    want_total = torch.tensor([math.log(0.3), 3 * math.log(0.5), math.log(0.05), math.log(0.05)])
-    # float32 log-softmax over 50257 logits is good to ~1e-4; the endings differ by > 0.5
-    torch.testing.assert_close(total, want_total, rtol=0, atol=1e-3)
-    torch.testing.assert_close(mean, want_total / torch.tensor([1.0, 3.0, 1.0, 1.0]), rtol=0,
-                               atol=1e-3)
-
-    # labels 1, 1, 0, 2: acc right only on the third (1/4), acc_norm on the first two (2/4)
-    ctxs = ["It rained.", "Once upon a time.", "He sat down.", "The end."]
-    examples = [{"ctx": c, "endings": ENDINGS, "label": y} for c, y in zip(ctxs, [1, 1, 0, 2])]
-    model.train()
-    r = hellaswag_eval(model, examples, "cpu", nullcontext(), batch_examples=3, progress=False)
-    assert r == dict(acc=0.25, acc_norm=0.5, n=4, correct=1, correct_norm=2)
-    assert model.training  # train mode restored
-
-    # two ranks see disjoint halves whose counts add up to the whole
-    parts = [hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False, rank=k, world=2)
-             for k in (0, 1)]
-    assert [p["n"] for p in parts] == [2, 2]
-    assert sum(p["correct"] for p in parts) == 1 and sum(p["correct_norm"] for p in parts) == 2
-
-
-def test_render_example():
-    enc = get_tokenizer()
-    ex = {"ctx": "the cat sat on the",
-          "endings": ["mat.", "a long ending of several tokens", "x", "y"], "label": 0}
-    tokens, mask, label = render_example(ex, enc)
-    ctx = enc.encode_ordinary(ex["ctx"])
-    assert label == 0 and tokens.shape == mask.shape == (4, len(ctx) + 6)
-    # ending after a space
-    assert tokens[0, :len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" mat.")
-    assert mask.sum(1).tolist() == [2, 6, 1, 1] and mask[:, :len(ctx)].sum() == 0
-    assert tokens[0, len(ctx) + 2:].tolist() == [EOT] * 4  # right padding, masked out
-
-    # longer than max_len: cut from the left, the ending kept whole
-    tokens, mask, _ = render_example({**ex, "ctx": "word " * 40}, enc, max_len=16)
-    assert tokens.shape == (4, 16) and mask.sum(1).tolist() == [2, 6, 1, 1]
-    assert tokens[1, -6:].tolist() == enc.encode_ordinary(" a long ending of several tokens")
-
-
-@pytest.mark.parametrize("ffn", ["dense", "switch", "inf"])
-def test_padding_invariance(ffn):
-    model = tiny_model(ffn, vocab_size=V, block_size=64).eval()
-    model.set_sampling(z_deterministic=True)  # ∞-MoE: z = mu, so two forwards are comparable
-    enc = get_tokenizer()
-    short = render_example({"ctx": "A man walks",
-                            "endings": ["in.", "out of the house.", "up", "away"], "label": 0}, enc)
-    longer = [render_example({"ctx": "A much longer context " * k,
-                              "endings": ["one", "two", "three", "four"], "label": 1}, enc)
-              for k in (3, 6)]
-    alone = score_endings(model, short[0], short[1], nullcontext())
-    tokens, mask, labels = collate([longer[0], short, longer[1]])
-    assert tokens.size(1) > short[0].size(1) and labels.tolist() == [1, 0, 1]
-    batched = score_endings(model, tokens, mask, nullcontext())
-    for a, b in zip(alone, batched):
-        torch.testing.assert_close(b[4:8], a, rtol=1e-5, atol=1e-5)
-
-
-def test_truncation_to_block_size():
-    model = tiny_model(vocab_size=V)
-    ex = {"ctx": "a very long context that does not fit " * 5, "endings": ENDINGS, "label": 1}
-    # would raise if T > block_size
-    r = hellaswag_eval(model, [ex, ex], "cpu", nullcontext(), progress=False)
-    assert r["n"] == 2
-
-
-def test_inf_sampling_knobs(tmp_path, monkeypatch):
-    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu), and
-    the counts equal a by-hand scoring of the same forward: argmax of summed / mean
-    log-likelihood."""
-    path = tmp_path / "hs.jsonl"
-    write_fixture(path)
-    examples = load_hellaswag(str(path))
-    assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
-    net = tiny_model("inf", vocab_size=V, block_size=64)
-    seen_K, real = [], kernel.fast_inf_ffn
-    monkeypatch.setattr(kernel, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
-    enc = get_tokenizer()
-    for K, deterministic in ((4, False), (2, True)):
-        net.set_sampling(z_samples=K, z_deterministic=deterministic)
-        seen_K.clear()
-        rng = torch.get_rng_state()
-        r = hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=8, progress=False)
-        assert torch.equal(torch.get_rng_state(), rng)  # its own RNG stream
-        assert seen_K == [1 if deterministic else K] * 2  # one forward, both layers
-        torch.set_rng_state(rng)  # the same noise again, scored by hand
-        tokens, mask, labels = collate([render_example(ex, enc, 64) for ex in examples])
-        logp = torch.log_softmax(net(tokens, tokens)[0][:, :-1], -1).gather(
-            -1, tokens[:, 1:, None])[..., 0]
-        m = mask[:, 1:]
-        total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
-        assert r["correct"] == (total.argmax(1) == labels).sum().item()
-        assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
-    # z = mu: reproducible, whatever the batching
-    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1,
-                          progress=False) == r
-
-
-def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
-    """`train.py --eval_only --init_from=resume --hellaswag` on a checkpoint: acc and acc_norm
-    printed and logged."""
-    out, fixture = tmp_path / "out", tmp_path / "hs.jsonl"
-    write_fixture(fixture)
-    run = lambda *a: train.main([x for x in tiny_run(shards, out, *a)
-                                 if not x.startswith("--vocab_size")])
-    run("--ffn=top2", "--max_iters=2", "--eval_interval=2")  # full GPT-2 vocabulary
-    record = run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={fixture}",
-                 "--hellaswag_limit=4", "--moe_top_k=1")
-    assert (record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1
-            and record["moe_top_k"] == 1)
-    assert "hellaswag acc" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
-        run("--init_from=resume", "--eval_only", "--hellaswag",
-            f"--hellaswag_path={tmp_path / 'none.jsonl'}")
 
 
 # ====================================================================== sample.py
@@ -2051,7 +1993,7 @@ def test_cpu_without_interpreter_raises():
             "except RuntimeError as e: print('raised:', 'TRITON_INTERPRET=1' in str(e))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=REPO, timeout=600)
     assert "raised: True" in out.stdout, out.stdout + out.stderr
 
 
@@ -2156,35 +2098,186 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
         assert kernel.kernel_ok("cpu", torch.bfloat16) is False
 
 
-# ====================================================================== pretrained.py
+# ====================================================================== zeroshot.py
 
-# ---- starting from GPT-2 or a checkpoint (from_pretrained, starting_point; --init_from)
-
-SAMPLE_VAL = Path(__file__).parent / "data" / "sample" / "sample_val_000000.bin"
+V = 50257
 
 
-@pytest.fixture(scope="module")
-def hf_gpt2(tmp_path_factory):
-    """A small random transformers GPT-2 (GPT-2's vocabulary and gelu_new), saved as the Hub stores
-    it. Weights of std 0.1, not 0.02: pre-activations of order 1, where exact GELU and gelu_new
-    differ (~1e-3)."""
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                    initializer_range=0.1))
-    hf.eval()
-    with torch.no_grad():  # non-zero biases and norms, so a mix-up of any of them shows
-        for name, p in hf.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("hf_gpt2")
-    hf.save_pretrained(path)
-    return hf, path
+class Bigram(nn.Module):
+    """Fake GPT whose next-token distribution depends only on the current token: a few hand-set
+    rows {current: {next: p}}, the rest of each row's mass spread evenly; unlisted tokens predict
+    uniformly. Its logits are exact log-probabilities, so every log-likelihood can be worked out by
+    hand."""
+
+    def __init__(self, rows, block_size=64):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=block_size)
+        self.rows = rows
+
+    def forward(self, idx, targets=None):
+        logits = torch.full((*idx.shape, V), -math.log(V))
+        for cur, nxt in self.rows.items():
+            row = torch.full((V,), math.log((1 - sum(nxt.values())) / (V - len(nxt))))
+            row[list(nxt)] = torch.tensor(list(nxt.values())).log()
+            logits[idx == cur] = row
+        return logits, None
 
 
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
+def hand_model():
+    enc = get_tokenizer()
+    tok = lambda s: enc.encode_ordinary(s)[0]
+    dot, dog, cat, fish, bird = (tok(s) for s in (".", " dog", " cat", " fish", " bird"))
+    # after ".": " dog" 0.3, " cat" 0.5, " fish"/" bird" 0.05;  after " cat": " cat" 0.5
+    return Bigram({dot: {dog: 0.3, cat: 0.5, fish: 0.05, bird: 0.05}, cat: {cat: 0.5}})
 
+
+ENDINGS = ["dog", "cat cat cat", "fish", "bird"]
+
+
+def test_hand_worked_acc_and_acc_norm():
+    # every ctx ends in "." so, by hand:   dog          cat cat cat       fish / bird
+    #   summed log-likelihood           log .3 = -1.20   3 log .5 = -2.08   log .05 = -3.00
+    #   per-token average               -1.20            log .5 = -0.69     -3.00
+    # acc picks "dog" (highest sum), acc_norm picks "cat cat cat" (highest average): they disagree.
+    model = hand_model()
+    enc = get_tokenizer()
+    tokens, mask, _ = render_example({"ctx": "It rained.", "endings": ENDINGS, "label": 0}, enc)
+    total, mean = score_endings(model, tokens, mask, nullcontext())
+    want_total = torch.tensor([math.log(0.3), 3 * math.log(0.5), math.log(0.05), math.log(0.05)])
+    # float32 log-softmax over 50257 logits is good to ~1e-4; the endings differ by > 0.5
+    torch.testing.assert_close(total, want_total, rtol=0, atol=1e-3)
+    torch.testing.assert_close(mean, want_total / torch.tensor([1.0, 3.0, 1.0, 1.0]), rtol=0,
+                               atol=1e-3)
+
+    # labels 1, 1, 0, 2: acc right only on the third (1/4), acc_norm on the first two (2/4)
+    ctxs = ["It rained.", "Once upon a time.", "He sat down.", "The end."]
+    examples = [{"ctx": c, "endings": ENDINGS, "label": y} for c, y in zip(ctxs, [1, 1, 0, 2])]
+    model.train()
+    r = hellaswag_eval(model, examples, "cpu", nullcontext(), batch_examples=3, progress=False)
+    assert r == dict(acc=0.25, acc_norm=0.5, n=4, correct=1, correct_norm=2)
+    assert model.training  # train mode restored
+
+    # two ranks see disjoint halves whose counts add up to the whole
+    parts = [hellaswag_eval(model, examples, "cpu", nullcontext(), progress=False, rank=k, world=2)
+             for k in (0, 1)]
+    assert [p["n"] for p in parts] == [2, 2]
+    assert sum(p["correct"] for p in parts) == 1 and sum(p["correct_norm"] for p in parts) == 2
+
+
+def test_render_example():
+    enc = get_tokenizer()
+    ex = {"ctx": "the cat sat on the",
+          "endings": ["mat.", "a long ending of several tokens", "x", "y"], "label": 0}
+    tokens, mask, label = render_example(ex, enc)
+    ctx = enc.encode_ordinary(ex["ctx"])
+    assert label == 0 and tokens.shape == mask.shape == (4, len(ctx) + 6)
+    # ending after a space
+    assert tokens[0, :len(ctx) + 2].tolist() == ctx + enc.encode_ordinary(" mat.")
+    assert mask.sum(1).tolist() == [2, 6, 1, 1] and mask[:, :len(ctx)].sum() == 0
+    assert tokens[0, len(ctx) + 2:].tolist() == [EOT] * 4  # right padding, masked out
+
+    # longer than max_len: cut from the left, the ending kept whole
+    tokens, mask, _ = render_example({**ex, "ctx": "word " * 40}, enc, max_len=16)
+    assert tokens.shape == (4, 16) and mask.sum(1).tolist() == [2, 6, 1, 1]
+    assert tokens[1, -6:].tolist() == enc.encode_ordinary(" a long ending of several tokens")
+
+
+@pytest.mark.parametrize("ffn", ["dense", "switch", "inf"])
+def test_padding_invariance(ffn):
+    model = tiny_model(ffn, vocab_size=V, block_size=64).eval()
+    model.set_sampling(z_deterministic=True)  # ∞-MoE: z = mu, so two forwards are comparable
+    enc = get_tokenizer()
+    short = render_example({"ctx": "A man walks",
+                            "endings": ["in.", "out of the house.", "up", "away"], "label": 0}, enc)
+    longer = [render_example({"ctx": "A much longer context " * k,
+                              "endings": ["one", "two", "three", "four"], "label": 1}, enc)
+              for k in (3, 6)]
+    alone = score_endings(model, short[0], short[1], nullcontext())
+    tokens, mask, labels = collate([longer[0], short, longer[1]])
+    assert tokens.size(1) > short[0].size(1) and labels.tolist() == [1, 0, 1]
+    batched = score_endings(model, tokens, mask, nullcontext())
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b[4:8], a, rtol=1e-5, atol=1e-5)
+
+
+def test_truncation_to_block_size():
+    model = tiny_model(vocab_size=V)
+    ex = {"ctx": "a very long context that does not fit " * 5, "endings": ENDINGS, "label": 1}
+    # would raise if T > block_size
+    r = hellaswag_eval(model, [ex, ex], "cpu", nullcontext(), progress=False)
+    assert r["n"] == 2
+
+
+def test_inf_sampling_knobs(tmp_path, monkeypatch):
+    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu), and
+    the counts equal a by-hand scoring of the same forward: argmax of summed / mean
+    log-likelihood."""
+    path = tmp_path / "hs.jsonl"
+    write_fixture(path)
+    examples = load_hellaswag(str(path))
+    assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
+    net = tiny_model("inf", vocab_size=V, block_size=64)
+    seen_K, real = [], kernel.fast_inf_ffn
+    monkeypatch.setattr(kernel, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
+    enc = get_tokenizer()
+    for K, deterministic in ((4, False), (2, True)):
+        net.set_sampling(z_samples=K, z_deterministic=deterministic)
+        seen_K.clear()
+        rng = torch.get_rng_state()
+        r = hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=8, progress=False)
+        assert torch.equal(torch.get_rng_state(), rng)  # its own RNG stream
+        assert seen_K == [1 if deterministic else K] * 2  # one forward, both layers
+        torch.set_rng_state(rng)  # the same noise again, scored by hand
+        tokens, mask, labels = collate([render_example(ex, enc, 64) for ex in examples])
+        logp = torch.log_softmax(net(tokens, tokens)[0][:, :-1], -1).gather(
+            -1, tokens[:, 1:, None])[..., 0]
+        m = mask[:, 1:]
+        total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
+        assert r["correct"] == (total.argmax(1) == labels).sum().item()
+        assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
+    # z = mu: reproducible, whatever the batching
+    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1,
+                          progress=False) == r
+
+
+def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
+    """`train.py --eval_only --init_from=resume --hellaswag` on a checkpoint: acc and acc_norm
+    printed and logged."""
+    out, fixture = tmp_path / "out", tmp_path / "hs.jsonl"
+    write_fixture(fixture)
+    run = lambda *a: train.main([x for x in tiny_run(shards, out, *a)
+                                 if not x.startswith("--vocab_size")])
+    run("--ffn=top2", "--max_iters=2", "--eval_interval=2")  # full GPT-2 vocabulary
+    record = run("--init_from=resume", "--eval_only", "--hellaswag", f"--hellaswag_path={fixture}",
+                 "--hellaswag_limit=4", "--moe_top_k=1")
+    assert (record["hellaswag_n"] == 4 and 0 <= record["hellaswag_acc_norm"] <= 1
+            and record["moe_top_k"] == 1)
+    assert "hellaswag acc" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
+        run("--init_from=resume", "--eval_only", "--hellaswag",
+            f"--hellaswag_path={tmp_path / 'none.jsonl'}")
+
+
+# ====================================================================== infra.py
+
+def test_help_lists_every_option_with_default_and_meaning(capsys):
+    assert train.main(["--help"]) is None
+    text = capsys.readouterr().out
+    for config in (train.TrainConfig(), GPTConfig(**train.TINY_MODEL)):
+        for f in dataclasses.fields(config):
+            assert f"--{f.name}=" in text, f.name
+    assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
+    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
+        assert [name for name, note in infra.field_help(cls).items()
+                if not note] == [], cls.__name__
+    assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
+    sample.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}=" in text for f in dataclasses.fields(sample.SampleConfig))
+    assert "--top_k=200" in text and "0: no top-k filtering" in text
+
+
+# ---- trained weights: GPT-2, Hugging Face directories, our checkpoints (--init_from)
 
 @pytest.mark.parametrize("fmt", ["safetensors", "openai_bin"])
 def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, fmt):
@@ -2244,7 +2337,7 @@ def test_init_from_takes_the_shape_from_the_source(hf_gpt2, tmp_path):
         ours, _ = model.eval()(idx, idx)
     torch.testing.assert_close(ours, hf_logits(hf, idx), rtol=1e-5, atol=1e-5)
     res = subprocess.run([sys.executable, "train.py", f"--init_from={path}", "--n_embd=64",
-                          "--eval_only"], capture_output=True, text=True, cwd=Path(__file__).parent)
+                          "--eval_only"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert (res.returncode == 2 and res.stderr.strip().count("\n") == 0
             and "--n_embd=64 differs" in res.stderr)
 
@@ -2256,9 +2349,9 @@ def test_init_from_our_checkpoint_and_out_dir(shards, tmp_path):
     # train.py and sample.py read our files; from_pretrained builds
     for source in (out, out / "ckpt.pt"):
         # not a resume: a new run
-        assert pretrained.starting_point(str(source), str(tmp_path))[0] is None
+        assert infra.starting_point(str(source), str(tmp_path))[0] is None
         model = from_pretrained(str(source),
-                                weights=pretrained.starting_point(str(source), str(tmp_path))[1])
+                                weights=infra.starting_point(str(source), str(tmp_path))[1])
         assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     # training from it starts at step 0 from its weights: same val loss as the source at its last
     # step
@@ -2286,105 +2379,12 @@ def test_sample_from_hf_gpt2_is_transformers_greedy(hf_gpt2):
 def test_hub_name_offline_or_without_huggingface_hub_is_a_one_line_error(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # empty cache, no network
     res = subprocess.run([sys.executable, "sample.py", "--init_from=gpt2"], capture_output=True,
-                         text=True, cwd=Path(__file__).parent, env=env)
+                         text=True, cwd=REPO, env=env, timeout=600)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "openai-community/gpt2's config.json and model.safetensors" in res.stderr
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         from_pretrained("gpt2-medium")
-
-
-# ---- upcycling
-
-def test_upcycled_switch_is_dense_times_router_probability(hf_gpt2, tmp_path):
-    """Every expert copies GPT-2's MLP, so switch = transformers' GPT-2 with each MLP output scaled
-    by the top router probability of its own layer (computed here from the router weights
-    alone)."""
-    hf, path = hf_gpt2
-    model = from_pretrained(str(path), {"ffn": "switch"}).eval()
-    assert model.config.d_ff_mult == 16 and model.config.n_expert == 4  # 4 experts of GPT-2's 4d
-    with torch.no_grad():
-        for block in model.transformer.h:  # a router that prefers some experts, so p_max varies
-            block.mlp.W_r.weight.normal_(0, 1.0)
-    hooks = [hf.transformer.h[i].mlp.register_forward_hook(
-        lambda mod, inp, out, W_r=block.mlp.W_r.weight:
-            out * (inp[0] @ W_r.t()).softmax(-1).amax(-1, True))
-        for i, block in enumerate(model.transformer.h)]
-    idx = torch.randint(0, 50257, (2, 32))
-    try:
-        expected = hf_logits(hf, idx)
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        ours, _ = model(idx, idx)
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(ours, hf_logits(hf, idx), atol=1e-3)  # the scaling is visible
-    with pytest.raises(ValueError, match="d_ff_mult must be 16"):
-        from_pretrained(str(path), {"ffn": "switch", "d_ff_mult": 8})
-    weights = dataclasses.asdict(model.config), model.state_dict()
-    # upcycling is from dense
-    with pytest.raises(ValueError, match="--ffn=inf differs from its ffn=switch"):
-        from_pretrained("s.pt", {"ffn": "inf"}, weights=weights)
-
-
-@pytest.mark.parametrize("top_frac", [0.1, 0.25, 0.5])
-def test_expected_mask_value_against_monte_carlo(top_frac):
-    torch.manual_seed(0)
-    d_ff, d_z = 1024, 128
-    W_z = torch.randn(d_ff, d_z) / math.sqrt(d_z)  # InfMoE's initialisation
-    # z ~ N(0, I): mu = 0, sigma = 1
-    M, _, _ = averaged_topk_mask(torch.randn(2, 2000, d_z), W_z, top_frac)
-    assert M.mean().item() == pytest.approx(expected_mask_value(top_frac), rel=0.02)
-    with pytest.raises(ValueError, match="top_frac"):
-        expected_mask_value(1.0)
-
-
-def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
-    """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its
-    FFN output is close to the dense MLP's, one sample is far from it; router and W_z keep their
-    fresh init."""
-    hf, path = hf_gpt2
-    torch.manual_seed(3)
-    model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
-    torch.manual_seed(3)
-    fresh = GPT(model.config)  # the same draws: router and W_z must be left as initialised
-    layer, dense = model.transformer.h[0].mlp, hf.transformer.h[0].mlp
-    assert torch.equal(layer.W_z, fresh.transformer.h[0].mlp.W_z)
-    assert all(torch.equal(a, b) for a, b in zip(layer.router.parameters(),
-                                                 fresh.transformer.h[0].mlp.router.parameters()))
-    x = torch.randn(64, 32)
-    with torch.no_grad():
-        want = (F.gelu(x @ dense.c_fc.weight + dense.c_fc.bias) @ dense.c_proj.weight
-                + dense.c_proj.bias)
-        model.set_sampling(z_samples=512)
-        mean = layer(x)
-        model.set_sampling(z_samples=1)
-        one = layer(x)
-    hidden = (want - dense.c_proj.bias).norm()  # the part that goes through the hidden units
-    err = lambda y: ((y - want).norm() / hidden).item()  # noqa: E731
-    # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms,
-    # mu != 0); without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
-    assert err(mean) < 0.25 and err(one) > 0.8
-
-
-# ====================================================================== infra.py
-
-def test_help_lists_every_option_with_default_and_meaning(capsys):
-    assert train.main(["--help"]) is None
-    text = capsys.readouterr().out
-    for config in (train.TrainConfig(), GPTConfig(**train.TINY_MODEL)):
-        for f in dataclasses.fields(config):
-            assert f"--{f.name}=" in text, f.name
-    assert "--eval_iters=10" in text and "validation batches; always the same val tokens" in text
-    for cls in (train.TrainConfig, GPTConfig, sample.SampleConfig):  # every option has a meaning
-        assert [name for name, note in infra.field_help(cls).items()
-                if not note] == [], cls.__name__
-    assert "--d_z=32" in text and "[GPTConfig and --preset: 128]" in text
-    sample.main(["--help"])
-    text = capsys.readouterr().out
-    assert all(f"--{f.name}=" in text for f in dataclasses.fields(sample.SampleConfig))
-    assert "--top_k=200" in text and "0: no top-k filtering" in text
 
 
 # ====================================================================== bench.py
@@ -2395,7 +2395,7 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "bench.py", "--compile-check", "--quick"], env=env,
                          capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
     assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
@@ -2406,7 +2406,7 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
 
 
 def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
-    # `python kernel.py` at a toy shape: every row, and the activation memory against a dense FFN of
+    # `python bench.py` at a toy shape: every row, and the activation memory against a dense FFN of
     # width d_ff (pre-activation + activation, 8 bytes per token and unit) worked out by hand: the
     # path keeps pre and M (8 bytes) and one keep byte per sample: 1 + K/8 of it
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -2414,7 +2414,7 @@ def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
                           "--d_z=8", "--ks=1,2", "--rates=25,50", "--reps=1",
                           f"--plot={tmp_path / 'b.png'}"],
                          env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| FFN")]
@@ -2464,3 +2464,21 @@ def test_compare_tables_and_plots_finished_runs(tmp_path):
     assert compare.plot(rows, str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no finished run"):
         compare.main(["--runs_dir", str(tmp_path / "empty")])
+
+
+# ====================================================================== README.md
+
+def test_reading_order_names_the_lines_where_the_code_is():
+    """Each `name` (l. N) of the README's reading order is defined on line N of the file its item
+    names first."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Reading order"):text.index("## Training")]
+    items = re.split(r"\n\d\. ", section)[1:]
+    checked = 0
+    for item in items:
+        path = REPO / re.search(r"`(\w+\.py)`", item)[1]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for name, n in re.findall(r"`(\w+)` \(l\. (\d+)\)", item.replace("\n   ", " ")):
+            assert re.match(rf"\s*(def|class) {name}\b", lines[int(n) - 1]), (path.name, name, n)
+            checked += 1
+    assert checked >= 15
