@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import kernel
 from model import keep_count
+from prepare_fineweb import ArgumentParser, run_main
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -164,8 +165,8 @@ def accuracy(x, ffn, W_z, dy, N, d_z, leaf):
 def benchmark(args):
     cuda = torch.cuda.is_available()
     device, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    rates = [25] if args.quick else [int(r) for r in args.rates.split(",")]
-    ks = [2] if args.quick else [int(k) for k in args.ks.split(",")]
+    rates = [25] if args.quick else args.rates
+    ks = [2] if args.quick else args.ks
     reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
     N, d, d_ff, d_z = args.tokens or (16384 if cuda else 2048), args.d, args.d_ff, args.d_z
     gen = torch.Generator(device=device).manual_seed(0)
@@ -440,51 +441,70 @@ def measure(name, make_layer, N=4096):
 
 # ----------------------------------------------------------------------------- command line
 
+def integers(lo, hi=None, one=False):
+    """An argparse type: comma-separated integers in [lo, hi] (one=True: a single one)."""
+    def parse(text):
+        try:
+            values = [int(v) for v in ([text] if one else text.split(","))]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected "
+                                             f"{'an integer' if one else 'integers, 1,2,...'}"
+                                             ) from None
+        for v in values:
+            if v < lo or (hi is not None and v > hi):
+                raise argparse.ArgumentTypeError(f"{v} is not between {lo} and {hi}" if hi else
+                                                 f"{v} is below {lo}")
+        return values[0] if one else values
+    return parse
+
+
 def compile_check_main(argv):
     """`python bench.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768]`"""
-    p = argparse.ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without "
-                                "a GPU; exit 0 when nothing the code can launch fails, spills or "
-                                "exceeds shared memory.")
+    p = ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; "
+                       "exit 0 when nothing the code can launch fails, spills or exceeds shared "
+                       "memory.")
     p.add_argument("--compile-check", action="store_true", required=True)
     p.add_argument("--quick", action="store_true",
                    help="one config per kernel, kernels spread over the archs")
-    p.add_argument("--archs", default="80,86,89,90")
+    p.add_argument("--archs", default="80,86,89,90", type=integers(0))
     p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--d", default="768,1024", help="model widths; d_ff = 8d, d_z = 128, K = 2")
+    p.add_argument("--d", default="768,1024", type=integers(1),
+                   help="model widths; d_ff = 8d, d_z = 128, K = 2")
     args = p.parse_args(argv)
     if kernel.INTERPRET:
-        raise SystemExit("bench.py --compile-check: unset TRITON_INTERPRET (the interpreter "
-                         "compiles nothing)")
-    archs = [int(a) for a in args.archs.split(",")]
-    if not set(archs) <= set(ARCHS):
-        raise SystemExit(f"bench.py --archs={args.archs}: expected some of "
-                         f"{','.join(map(str, ARCHS))}")
+        p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    if not set(args.archs) <= set(ARCHS):
+        p.error(f"--archs={','.join(map(str, args.archs))}: expected some of "
+                f"{','.join(map(str, ARCHS))}")
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if not set(args.dtypes.split(",")) <= set(names):
-        raise SystemExit(f"bench.py --dtypes={args.dtypes}: expected bf16 and/or fp32")
+        p.error(f"--dtypes={args.dtypes}: expected bf16 and/or fp32")
     import triton
     print(f"Triton {triton.__version__}, torch {torch.__version__}; d_ff = 8d, d_z = 128, K = 2")
-    return compile_check(archs, [names[t] for t in args.dtypes.split(",")],
-                         [int(d) for d in args.d.split(",")], args.quick)
+    return compile_check(args.archs, [names[t] for t in args.dtypes.split(",")], args.d,
+                         args.quick)
 
 
-def main():
-    if "--compile-check" in sys.argv[1:]:
-        raise SystemExit(1 if compile_check_main(sys.argv[1:]) else 0)
-    if sys.argv[1:] == ["--params"]:
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--compile-check" in argv:
+        raise SystemExit(1 if compile_check_main(argv) else 0)
+    if argv == ["--params"]:
         return params_and_memory()
-    p = argparse.ArgumentParser(description="Latency and memory of the infinite-MoE FFN against "
-                                "dense FFNs of width d_ff and 4d: the PyTorch path "
-                                "(kernel.fast_inf_ffn) on any device, the Triton kernel too on "
-                                "CUDA. GPT-2 Small shape; bf16 on CUDA, fp32 on the CPU.")
-    p.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 2048 on CPU")
-    p.add_argument("--d", type=int, default=768)
-    p.add_argument("--d_ff", type=int, default=6144)
-    p.add_argument("--d_z", type=int, default=128)
-    p.add_argument("--rates", default="5,10,25,50,100", help="activation rates in percent")
-    p.add_argument("--ks", default="1,2,4", help="numbers of samples K")
+    p = ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
+                       "of width d_ff and 4d: the PyTorch path (kernel.fast_inf_ffn) on any "
+                       "device, the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, "
+                       "fp32 on the CPU.")
+    p.add_argument("--tokens", type=integers(1, one=True), default=None,
+                   help="default: 16384 on CUDA, 2048 on CPU")
+    p.add_argument("--d", type=integers(1, one=True), default=768)
+    p.add_argument("--d_ff", type=integers(1, one=True), default=6144)
+    p.add_argument("--d_z", type=integers(1, one=True), default=128)
+    p.add_argument("--rates", default="5,10,25,50,100", type=integers(1, 100),
+                   help="activation rates in percent")
+    p.add_argument("--ks", default="1,2,4", type=integers(1), help="numbers of samples K")
     p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
-    p.add_argument("--reps", type=int, default=None,
+    p.add_argument("--reps", type=integers(1, one=True), default=None,
                    help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png",
                    help="PNG written when matplotlib is installed")
@@ -494,12 +514,13 @@ def main():
     p.add_argument("--system_malloc", action="store_true", help="CPU: leave glibc's allocator as "
                    "it is (by default freed memory is kept in the process, as on CUDA: see "
                    "keep_freed_memory)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if kernel.INTERPRET:
-        print("bench.py: unset TRITON_INTERPRET (the interpreter is for tests, not for timing).")
-        return
+        p.error("unset TRITON_INTERPRET (the interpreter is for tests, not for timing)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        p.error(f"--plot={args.plot}: no directory {os.path.dirname(os.path.abspath(args.plot))}")
     benchmark(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,7 @@ Every run is the default `python train.py` (the tiny model, 200 steps of 1,024 t
 with one FFN's flags and a seed: dense, switch, top2 and inf with three seeds each, every variant
 with one.
 """
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -16,8 +16,9 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from infra import load_checkpoint
+from infra import UsageError, load_checkpoint, read_flags
 from model import GPT, GPTConfig
+from prepare_fineweb import ArgumentParser, run_main
 
 SEEDS = (1337, 1338, 1339)
 BASELINES = {"dense": "--ffn=dense", "switch": "--ffn=switch", "top2": "--ffn=top2",
@@ -55,38 +56,53 @@ def read_log(out_dir):
     return val, train
 
 
-def finished_run(out_dir):
+def finished_run(out_dir, flags, seed):
     """(validation curve, training records, checkpoint) of a run that has finished: its checkpoint
-    is at its own max_iters and its log evaluated there. None for a run that has not."""
+    is at its own max_iters and its log evaluated there. None for a run that has not. A checkpoint
+    of another FFN, variant or seed than the run's is a UsageError naming it."""
     val, train = read_log(out_dir)
     path = os.path.join(out_dir, "ckpt.pt")
     if not val or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path)
+    defaults = dataclasses.asdict(GPTConfig())
+    varied = {k for _, f, _, _ in grid() for k in read_flags(f.split(), GPTConfig)}
+    wanted = {**{k: defaults[k] for k in varied}, **read_flags(flags.split(), GPTConfig)}
+    saved = {**defaults, **ckpt["model_args"]}
+    other = [f"{k}={saved[k]}" for k in sorted(wanted) if saved[k] != wanted[k]]
+    if ckpt["config"].get("seed", seed) != seed:
+        other.append(f"seed={ckpt['config']['seed']}")
+    if other:
+        raise UsageError(f"{path} is not this run's ({flags} --seed={seed}): it was trained with "
+                         f"{', '.join(other)}; move it out of {out_dir}")
     steps = ckpt["config"]["max_iters"]
     return (val, train, ckpt) if ckpt["iter_num"] == val[-1][0] == steps else None
 
 
 def run_all(root, jobs):
-    """Train the unfinished runs, `jobs` at a time, the CPU's threads split between them."""
-    todo = [r for r in grid() if finished_run(os.path.join(root, r[3])) is None]
+    """Train the unfinished runs, `jobs` at a time, the CPU's threads split between them. Returns
+    the names of those that failed."""
+    todo = [r for r in grid() if finished_run(os.path.join(root, r[3]), r[1], r[2]) is None]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    repo = os.path.dirname(os.path.abspath(__file__))
+    failed = []
 
     def one(run):
         label, flags, seed, name = run
-        out_dir = os.path.join(root, name)
-        cmd = [sys.executable, "train.py", *flags.split(), f"--seed={seed}", f"--out_dir={out_dir}",
-               "--overwrite"]
+        out_dir = os.path.join(root, name)  # absolute for train.py, which runs in the repository
+        cmd = [sys.executable, "train.py", *flags.split(), f"--seed={seed}",
+               f"--out_dir={os.path.abspath(out_dir)}", "--overwrite"]
         print(" ".join(cmd[1:]), flush=True)
         with open(out_dir + ".txt", "w") as out:
-            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo)
         if done.returncode != 0:
+            failed.append(f"{out_dir}.txt")
             print(f"failed: {name} (see {out_dir}.txt)", flush=True)
 
     os.makedirs(root, exist_ok=True)
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, todo))
+    return failed
 
 
 def summarise(root):
@@ -94,7 +110,7 @@ def summarise(root):
     finished runs."""
     rows = {}
     for label, flags, seed, name in grid():
-        run = finished_run(os.path.join(root, name))
+        run = finished_run(os.path.join(root, name), flags, seed)
         if run is None:
             continue
         val, train, ckpt = run
@@ -104,7 +120,7 @@ def summarise(root):
         row["final"].append(val[-1][1])
         row["curves"].append(val)
         # the median over the log lines: one slowed by something else on the machine moves it little
-        row["tok_s"].append(statistics.median(r["tokens_per_s"] for r in train))
+        row["tok_s"].append(statistics.median(r["tokens_per_s"] for r in train) if train else None)
         if "active" not in row:
             row["active"] = GPT(GPTConfig(**ckpt["model_args"])).num_params()[1]
     return rows
@@ -119,8 +135,10 @@ def table(rows):
         n, mean = len(r["final"]), statistics.mean(r["final"])
         spread = f"{max(r['final']) - min(r['final']):.4f}" if n > 1 else ""
         loss = f"{mean:.4f}" + (f" ({', '.join(f'{v:.4f}' for v in r['final'])})" if n > 1 else "")
-        lines.append(f"| {label} | `{r['flags']}` | {n} | {loss} | {spread} | "
-                     f"{statistics.mean(r['tok_s']):,.0f} | {r['active'] / 1e6:.2f}M |")
+        speeds = [t for t in r["tok_s"] if t is not None]  # none: a log without training records
+        speed = f"{statistics.mean(speeds):,.0f}" if speeds else ""
+        lines.append(f"| {label} | `{r['flags']}` | {n} | {loss} | {spread} | {speed} | "
+                     f"{r['active'] / 1e6:.2f}M |")
     return "\n".join(lines)
 
 
@@ -135,9 +153,9 @@ def plot(rows, path):
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, r in rows.items():
-        steps = [s for s, _ in r["curves"][0]]
-        by_step = list(zip(*[[v for _, v in c] for c in r["curves"]]))
+    for label, r in rows.items():  # seeds paired by step, at the steps every seed evaluated
+        steps = sorted(set.intersection(*({s for s, _ in c} for c in r["curves"])))
+        by_step = [[dict(c)[s] for c in r["curves"]] for s in steps]
         mean = [statistics.mean(vs) for vs in by_step]
         for a in (ax, zoom):
             line, = a.plot(steps, mean, "-" if label in BASELINES else "--", marker="o", ms=3,
@@ -160,7 +178,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--run", action="store_true", help="first train the runs that have not finished")
     p.add_argument("--jobs", type=int, default=1,
                    help="--run: runs at a time (each gets cores/jobs threads)")
@@ -169,17 +187,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs}: expected >= 1")
-    if args.run:
-        run_all(args.runs_dir, args.jobs)
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        p.error(f"--plot={args.plot}: no directory {os.path.dirname(os.path.abspath(args.plot))}")
+    failed = run_all(args.runs_dir, args.jobs) if args.run else []
     rows = summarise(args.runs_dir)
+    if rows:
+        print(table(rows))
+        path = args.plot or os.path.join(args.runs_dir, "val_loss.png")
+        if plot(rows, path):
+            print(f"wrote {path}")
+    if failed:  # a run that failed once started: exit status 1, as train.py's own
+        raise SystemExit(f"error: {len(failed)} runs failed; their output: {', '.join(failed)}")
     if not rows:
-        raise SystemExit(f"error: no finished run in {args.runs_dir}/ (python compare.py --run "
-                         f"trains them)")
-    print(table(rows))
-    path = args.plot or os.path.join(args.runs_dir, "val_loss.png")
-    if plot(rows, path):
-        print(f"wrote {path}")
+        raise UsageError(f"no finished run in {args.runs_dir}/ (python compare.py --run trains "
+                         f"them)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,7 +5,7 @@ the checkpoint format (checksummed) and the other trained weights a run can star
 GPT-2, a Hugging Face directory), the out_dir lock, RNG state and the log.
 
 A bad option, value or file is a UsageError: the scripts print it as one line, `error: ...`, and
-exit with status 2.
+exit with status 2 (prepare_fineweb.run_main: every script's exit statuses).
 """
 import ast
 import dataclasses
@@ -25,7 +25,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from model import GPT, INFERENCE_KNOBS, GPTConfig, in_range, range_words, upcycle
+from model import (GPT, INFERENCE_KNOBS, GPTConfig, check_upcycle, in_range, range_words,
+                   upcycle)
+from prepare_fineweb import replacing
 
 
 class UsageError(ValueError):
@@ -137,6 +139,54 @@ def pick_device(name):
     return device
 
 
+def kernel_runs_here(device):
+    """Can use_kernel=on run on device: Triton's kernels need CUDA, or Triton's CPU interpreter
+    (TRITON_INTERPRET=1, as the tests run them)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_kernel(use_kernel, device):
+    if use_kernel == "on" and not kernel_runs_here(device):
+        raise UsageError(f"--use_kernel=on needs a CUDA device for its Triton kernels, not "
+                         f"{device}; use --use_kernel=off (or auto) here")
+
+
+def device_memory(device):
+    """Bytes of memory device has in all, or None where that is not known."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def check_memory(model_args, batch_size, device, training):
+    """Refuse a model or batch that cannot fit on device before anything is built or written: a
+    lower bound of what the run allocates, fp32 weights (for training also their gradients and
+    AdamW's two moments) and one batch's fp32 logits (training: and their gradient), against all
+    of the device's memory. Parameters are counted on a one-layer model on the meta device."""
+    total = device_memory(device)
+    if total is None:
+        return
+    c = GPTConfig(**model_args)
+    with torch.device("meta"):
+        one = GPT(dataclasses.replace(c, n_layer=1))
+    block = sum(p.numel() for p in one.transformer.h[0].parameters())
+    params = sum(p.numel() for p in one.parameters()) + (c.n_layer - 1) * block
+    logits = batch_size * c.block_size * c.vocab_size
+    need = 4 * (params * (4 if training else 1) + logits * (2 if training else 1))
+    if need > total:
+        raise UsageError(f"--n_layer={c.n_layer} --n_embd={c.n_embd} --block_size={c.block_size} "
+                         f"--batch_size={batch_size}: {params / 1e9:,.2f}B parameters and a "
+                         f"batch's {logits:,} logits need at least {need / 2**30:,.0f} GiB to "
+                         f"{'train' if training else 'evaluate'}, more than the "
+                         f"{total / 2**30:,.0f} GiB of {device}; make the model or the batch "
+                         f"smaller")
+
+
 def check_dtype(dtype):
     if dtype == "float16":
         raise UsageError("--dtype=float16: not supported (it would need a loss scaler); use "
@@ -202,32 +252,40 @@ class HashingWriter:
     """A file-like write() target for torch.save that hashes and counts the bytes on their way."""
 
     def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.f, self.sha, self.size, self.error = f, hashlib.sha256(), 0, None
 
     def write(self, data):
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:  # torch.save reports only its own "unexpected pos": keep the cause
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
 
 
 def save_checkpoint(path, ckpt):
-    """Write ckpt under this process's own temp name, then rename: a crash (or another run) never
-    leaves a half-written file at path, and the previous checkpoint stays intact until the new one
-    is whole."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    """Write ckpt under this process's own temp name, then rename (prepare_fineweb.replacing): a
+    crash (or another run) never leaves a half-written file at path, the previous checkpoint stays
+    intact until the new one is whole, and a failed write (a full disk: an OSError naming path) or
+    Ctrl-C leaves no temp file."""
+    with replacing(path) as f:
         f.write(bytes(CKPT_HEADER_BYTES))  # a placeholder until torch.save is done
         writer = HashingWriter(f)
-        torch.save(ckpt, writer)
+        try:
+            torch.save(ckpt, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
         f.seek(0)
         f.write(b"inf-moe checkpoint sha256=%s bytes=%020d\n"
                 % (writer.sha.hexdigest().encode(), writer.size))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Body(io.RawIOBase):
@@ -343,10 +401,17 @@ def read_hf_gpt2(path):
 
     Reads config.json and model.safetensors (or pytorch_model.bin) without transformers. GPT-2
     stores its linear layers as Conv1D, weight (in, out): they are transposed into nn.Linear's.
+    A config.json that is unreadable, or that the weights do not match, is a ValueError naming
+    the file: found when the source is read, before a run creates anything.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
     where = os.path.join(path, "config.json")
+    try:
+        with open(where, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+        raise ValueError(f"{where}: cannot read it as JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: not a JSON object")
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected gpt2")
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh", "gelu"),
@@ -356,28 +421,39 @@ def read_hf_gpt2(path):
         if hf.get(key, ok[0]) not in ok:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (expected "
                              f"{' or '.join(map(str, ok))})")
-    d = hf["n_embd"]
-    d_ff = hf.get("n_inner") or 4 * d
-    if d_ff % d:
-        raise ValueError(f"{where}: n_inner={d_ff} is not a multiple of n_embd={d}")
-    exact = hf.get("activation_function", "gelu_new") == "gelu"
-    args = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], n_embd=d, bias=True, ffn="dense", d_ff_mult=d_ff // d,
-                gelu_approx="none" if exact else "tanh")
+    try:
+        d = hf["n_embd"]
+        d_ff = hf.get("n_inner") or 4 * d
+        exact = hf.get("activation_function", "gelu_new") == "gelu"
+        args = dict(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=d, bias=True, ffn="dense",
+                    d_ff_mult=d_ff // d, gelu_approx="none" if exact else "tanh")
+        if d_ff % d:
+            raise ValueError(f"n_inner={d_ff} is not a multiple of n_embd={d}")
+        GPTConfig(**args)  # the ranges: n_layer >= 1, n_embd divisible by n_head, ...
+    except KeyError as e:
+        raise ValueError(f"{where}: no {e.args[0]}, which a GPT-2 config.json has") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
-    if os.path.exists(os.path.join(path, "model.safetensors")):
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        weights = os.path.join(path, "pytorch_model.bin")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor "
+                                f"pytorch_model.bin")
+    if weights.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ImportError(f"{path}/model.safetensors needs the safetensors package: "
-                              f"pip install safetensors") from None
-        hf_state = load_file(os.path.join(path, "model.safetensors"))
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        hf_state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu",
-                              weights_only=True, mmap=True)
-    else:
-        raise FileNotFoundError(f"{path}: has config.json but neither model.safetensors nor "
-                                f"pytorch_model.bin")
+            raise ImportError(f"{weights} needs the safetensors package: pip install "
+                              f"safetensors") from None
+    try:
+        hf_state = (load_file(weights) if weights.endswith(".safetensors") else
+                    torch.load(weights, map_location="cpu", weights_only=True, mmap=True))
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError, unpickling errors
+        raise ValueError(f"{weights}: cannot read it ({type(e).__name__}: {e}); truncated or "
+                         f"damaged?") from None
 
     state = {}
     for key, value in hf_state.items():
@@ -393,7 +469,27 @@ def read_hf_gpt2(path):
     if head is not None and not torch.equal(head, wte):
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight; this GPT ties them")
     state["lm_head.weight"] = state["transformer.wte.weight"]
+    check_weights(state, args, weights, where)
     return args, state
+
+
+def check_weights(state, args, weights, where):
+    """A ValueError naming both files unless state has exactly the tensors, of the shapes, that
+    the model of `args` (read from config.json at `where`) holds."""
+    with torch.device("meta"):
+        expected = GPT(GPTConfig(**args)).state_dict()
+    layers = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
+    if layers != args["n_layer"]:
+        raise ValueError(f"{weights} holds {layers} layers; {where} says n_layer={args['n_layer']}")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match {where}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    for key, t in expected.items():
+        if state[key].shape != t.shape:
+            raise ValueError(f"{weights}: {key} is {tuple(state[key].shape)}, but {where} "
+                             f"(n_embd, n_positions, vocab_size, n_inner) makes it "
+                             f"{tuple(t.shape)}")
 
 
 UPCYCLE_TARGETS = ("switch", "top2", "inf")
@@ -436,7 +532,9 @@ def pretrained_config(args, overrides, source):
     # switch/top2: every expert a copy of the dense MLP; inf: twice its width (the paper's 8d)
     default_mult = dense_mult * n_expert if ffn in ("switch", "top2") else 2 * dense_mult
     exact = {"gelu_approx": "none"} if ffn == "inf" else {}  # inf's paths: the exact GELU only
-    return {**args, "d_ff_mult": default_mult, **exact, **overrides}
+    upcycled = {**args, "d_ff_mult": default_mult, **exact, **overrides}
+    check_upcycle(GPTConfig(**upcycled), dense_mult * args["n_embd"])  # now, not at load time
+    return upcycled
 
 
 @torch.no_grad()
@@ -482,26 +580,32 @@ def lock_out_dir(out_dir):
 def prepare_out_dir(cfg, ckpt):
     """Create and lock out_dir for a training run, and make its files this run's (rank 0 only).
 
-    A scratch run never replaces a checkpoint it did not write, unless --overwrite. A resumed run
-    drops log.jsonl's records after the checkpoint's step: they belong to steps it is about to redo.
+    A scratch run never replaces or deletes a run's files (ckpt.pt, log.jsonl, eval.jsonl) unless
+    --overwrite: without it, finding any is an error naming them, before anything is created. A
+    resumed run drops log.jsonl's records after the checkpoint's step: they belong to steps it is
+    about to redo. train.py calls this once every option is checked: nothing is deleted for a
+    run that an error would stop.
     """
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    runs_files = [ckpt_path, log_path, os.path.join(cfg.out_dir, "eval.jsonl")]
+    there = [path for path in runs_files if os.path.exists(path)]
+    if ckpt is None and there and not cfg.overwrite:
+        resume = "continue that run with --init_from=resume, " if ckpt_path in there else ""
+        raise UsageError(f"{', '.join(there)} already exist{'s' * (len(there) == 1)}: {resume}"
+                         f"start over with --overwrite (deletes {'them' if len(there) > 1 else 'it'}"
+                         f"), or choose another --out_dir")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         lock = lock_out_dir(cfg.out_dir)
     except OSError as e:
         raise UsageError(f"--out_dir={cfg.out_dir}: {e.strerror}") from None
     try:
-        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
-            raise UsageError(f"{ckpt_path} already exists: continue that run with "
-                             f"--init_from=resume, or start over with --overwrite (deletes it, "
-                             f"log.jsonl and eval.jsonl)")
         stale = glob.glob(ckpt_path + ".*tmp") + glob.glob(log_path + ".*.tmp")
         for tmp in stale:
             os.remove(tmp)  # left by a killed run: no live run writes here, we hold the lock
         if ckpt is None:  # a new run: none of the old one's files stay to be mistaken for its own
-            for path in (ckpt_path, log_path, os.path.join(cfg.out_dir, "eval.jsonl")):
+            for path in runs_files:
                 if os.path.exists(path):
                     os.remove(path)
         elif os.path.exists(log_path):
@@ -513,9 +617,8 @@ def prepare_out_dir(cfg, ckpt):
                             keep.append(line)
                     except (ValueError, KeyError, TypeError):
                         pass  # a line cut short by a kill
-            with open(log_path + f".{os.getpid()}.tmp", "w") as f:
+            with replacing(log_path, "w") as f:
                 f.writelines(keep)
-            os.replace(log_path + f".{os.getpid()}.tmp", log_path)
         return lock
     except BaseException:
         lock.close()
@@ -523,7 +626,9 @@ def prepare_out_dir(cfg, ckpt):
 
 
 # ----------------------------------------------------------------------------- RNG state, log
-SEED_RANGE = ">= 0"  # --seed of train.py and sample.py
+# --seed of train.py and sample.py: what torch.manual_seed accepts, 2**64 - 1 at most (an int
+# bound, which in_range compares exactly)
+SEED_RANGE = "[0, 18446744073709551615]"
 
 
 def rng_states(device, ddp):

@@ -115,7 +115,7 @@ def in_range(value, spec):
     if spec.startswith(">"):
         bound = float(spec.lstrip(">= "))
         return value >= bound if spec.startswith(">=") else value > bound
-    lo, hi = (float(s) for s in spec[1:-1].split(","))
+    lo, hi = (int(s) if s.strip().isdigit() else float(s) for s in spec[1:-1].split(","))
     return ((lo <= value if spec[0] == "[" else lo < value)
             and (value <= hi if spec[-1] == "]" else value < hi))
 
@@ -709,6 +709,19 @@ def expected_mask_value(top_frac):
     return normal.pdf(normal.inv_cdf(1.0 - top_frac))
 
 
+def check_upcycle(c, d_dense):
+    """A ValueError unless a model of config c can be upcycled from a dense one of width d_dense."""
+    if c.ffn in ("switch", "top2") and c.d_ff != c.n_expert * d_dense:
+        raise ValueError(f"upcycling into {c.ffn}: each of the {c.n_expert} experts copies the "
+                         f"dense MLP, so d_ff_mult must be {c.n_expert * d_dense // c.n_embd} "
+                         f"(got {c.d_ff_mult})")
+    if c.ffn == "inf" and c.d_ff % d_dense:
+        raise ValueError(f"upcycling into inf: d_ff_mult={c.d_ff_mult} must be a multiple of the "
+                         f"dense source's {d_dense // c.n_embd}")
+    if c.ffn == "inf":
+        expected_mask_value(c.top_frac)  # 0 < top_frac < 1
+
+
 @torch.no_grad()
 def upcycle(model, dense_state, d_dense):
     """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): fill `model`, a freshly
@@ -725,13 +738,7 @@ def upcycle(model, dense_state, d_dense):
                    step-0 loss is above the source's.
     """
     c = model.config
-    if c.ffn in ("switch", "top2") and c.d_ff != c.n_expert * d_dense:
-        raise ValueError(f"upcycling into {c.ffn}: each of the {c.n_expert} experts copies the "
-                         f"dense MLP, so d_ff_mult must be {c.n_expert * d_dense // c.n_embd} "
-                         f"(got {c.d_ff_mult})")
-    if c.ffn == "inf" and c.d_ff % d_dense:
-        raise ValueError(f"upcycling into inf: d_ff_mult={c.d_ff_mult} must be a multiple of the "
-                         f"dense source's {d_dense // c.n_embd}")
+    check_upcycle(c, d_dense)
     rest = {k: v for k, v in dense_state.items() if ".mlp." not in k}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     if unexpected or any(".mlp." not in k for k in missing):

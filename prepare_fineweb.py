@@ -22,18 +22,24 @@ them).
 
 Shard format (llm.c's): 256 int32 header ([0]=20240520 magic, [1]=1 version,
 [2]=number of tokens), then uint16 tokens. train.py uses check_dataset(), shard_paths() and
-load_shard(); sample.py uses get_tokenizer().
+load_shard(); sample.py uses get_tokenizer(). Every script reports its errors through run_main()
+(this module is the one they all import without torch).
 """
 import os
+import sys
 import json
-import glob
+import time
+import signal
+import fnmatch
 import argparse
+import contextlib
 import functools
 import itertools
 import collections
 import multiprocessing as mp
 import urllib.request
 
+import filelock
 import numpy as np
 import tiktoken
 
@@ -41,14 +47,73 @@ EOT = 50256  # <|endoftext|>, precedes every document
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-TIKTOKEN_DIR = os.path.join(REPO_DIR, "data", "tiktoken")  # GPT-2 BPE files: no network needed
+# the bundled data and the default places of downloaded data: in the repository, wherever a
+# script is started from (a path given on the command line is relative to the working directory)
+DATA_DIR = os.path.join(REPO_DIR, "data")
+TIKTOKEN_DIR = os.path.join(DATA_DIR, "tiktoken")  # GPT-2 BPE files: no network needed
 DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 MANIFEST = "manifest.json"  # by prepare(): the shards that make the dataset; is it complete
+LOCK = ".lock"  # in out_dir: held by the run writing there (the file stays; it holds no data)
 # ~256K characters of text per worker task: big enough to amortise IPC, small enough to balance
 CHUNK_CHARS = 1 << 18
+# seconds between manifest updates while shards are written (a dataset of tiny shards rewrote it
+# per shard, O(shards^2)); a kill leaves the shards since unlisted, and a rerun writes them again
+MANIFEST_EVERY = 1.0
 
 class DataError(Exception):
     """A user error (bad input, nothing to do): reported as one line, no traceback."""
+
+# -----------------------------------------------------------------------------
+# every script's errors: one line, one convention of exit statuses (README, "Errors and exit
+# status")
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+def run_main(main):
+    """Run a script's main() and exit as every script does: 0 when it is done; else one line on
+    stderr and 2 for a usage or data error (DataError, ValueError such as infra.UsageError,
+    FileNotFoundError, ImportError: a bad option, value, file, dataset or missing package), 1 for
+    a run that failed once started (another OSError, e.g. a full disk: it names the file;
+    MemoryError), 130 for Ctrl-C (KeyboardInterrupt, whose text says what is kept)."""
+    try:
+        main()
+        return
+    except KeyboardInterrupt as e:
+        line, status = f"interrupted{f': {e}' if str(e) else ''}", 130
+    except (DataError, ValueError, FileNotFoundError, ImportError) as e:
+        line, status = f"error: {e}", 2
+    except OSError as e:
+        line, status = f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", 1
+    except MemoryError:
+        line, status = "error: out of memory", 1
+    print(line, file=sys.stderr)
+    sys.exit(status)
+
+def canonical_path(path):
+    """The file or directory a path names, however it is spelled (data/x, ./data/x, /abs/data/x,
+    through symlinks): the one way an input, a dataset or a data_dir is recognised as the same."""
+    return os.path.realpath(path)
+
+@contextlib.contextmanager
+def replacing(path, mode="wb"):
+    """A file opened under this process's own temporary name beside path, renamed to path once
+    the block has written it whole: a crash never leaves half a file under its name, and an error
+    or Ctrl-C in the block leaves no temporary file. An OSError names path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # a full disk: no file named
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -82,15 +147,19 @@ def write_shard(path, tokens):
     assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16), "ids must fit uint16"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
-    # write under a temporary name, then rename: a crash never leaves half a shard under its name
-    with open(path + ".tmp", "wb") as f:
+    with replacing(path) as f:
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(path + ".tmp", path)
 
 def load_shard(path):
     """The tokens of one shard as a read-only uint16 memmap; ValueError on any damage."""
-    size = os.path.getsize(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a shard; move it out of "
+                         f"{os.path.dirname(path) or '.'}")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
     if size < HEADER_BYTES:
         raise ValueError(f"{path}: {size} bytes, too short for the {HEADER_BYTES}-byte shard "
                          f"header")
@@ -106,14 +175,32 @@ def load_shard(path):
                          f"but the file has {size} bytes: truncated or corrupt")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
-def shard_paths(data_dir, split):
+def shard_name(prefix, i):
+    """Shard i's name: 0 is validation, the rest train."""
+    return f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin"
+
+def shard_names(data_dir, split):
+    """The names of a split's shards in data_dir, sorted: the one place a file is recognised as a
+    shard (by its name, *_{split}_*.bin; data_dir is a path, never a pattern). A DataError names
+    a data_dir that is missing or not a directory."""
     assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        cwd = "" if os.path.isabs(data_dir) else f" (in the working directory {os.getcwd()})"
+        raise DataError(f"{data_dir}: no such directory{cwd}") from None
+    except NotADirectoryError:
+        raise DataError(f"{data_dir}: not a directory") from None
+    except OSError as e:  # a symlink loop, no permission
+        raise DataError(f"{data_dir}: cannot list this directory: {e.strerror}") from None
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, f"*_{split}_*.bin"))
+
+def shard_paths(data_dir, split):
+    paths = [os.path.join(data_dir, n) for n in shard_names(data_dir, split)]
     if not paths:
-        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; create them "
-                                f"with `python prepare_fineweb.py --input your.jsonl --out_dir "
-                                f"{data_dir}` "
-                                f"(or plain `python prepare_fineweb.py` for FineWeb)")
+        raise DataError(f"no {split} shards (*_{split}_*.bin) in {data_dir}; create them with "
+                        f"`python prepare_fineweb.py --input your.jsonl --out_dir {data_dir}` (or "
+                        f"plain `python prepare_fineweb.py` for FineWeb)")
     return paths
 
 def read_manifest(data_dir):
@@ -144,10 +231,7 @@ def check_dataset(data_dir, vocab_size):
     elsewhere, e.g. by llm.c) the shards are checked alone.
     Returns {"train": [(path, n_tokens), ...], "val": [...], "manifest": bool}.
     """
-    try:
-        found = {split: shard_paths(data_dir, split) for split in ("train", "val")}
-    except FileNotFoundError as e:
-        raise DataError(str(e)) from None
+    found = {split: shard_paths(data_dir, split) for split in ("train", "val")}
     manifest = read_manifest(data_dir)
     listed = {}
     if manifest is not None:
@@ -230,7 +314,7 @@ def read_file_docs(path):
     if ext == ".txt":
         with open(path, "rb") as f:
             text = utf8(path, f.read())
-        if text:
+        if text.strip():  # as a .jsonl of blank lines: no document
             yield text
     elif ext in (".jsonl", ".json"):
         for where, record in json_records(path):
@@ -239,6 +323,7 @@ def read_file_docs(path):
             yield record["text"]
     elif ext == ".parquet":
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)"
@@ -247,6 +332,9 @@ def read_file_docs(path):
         if "text" not in pf.schema_arrow.names:
             raise DataError(f"{path}: no 'text' column (columns: "
                             f"{', '.join(pf.schema_arrow.names)})")
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: its 'text' column holds {kind}, not strings")
         for batch in pf.iter_batches(columns=["text"]):
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
     else:
@@ -254,13 +342,27 @@ def read_file_docs(path):
                         f".txt)")
 
 def local_source(paths):
-    """What a manifest records of local inputs: a rerun with any file changed is another dataset."""
+    """What a manifest records of local inputs: each file as canonical_path names it, its size and
+    mtime. A rerun with any file changed is another dataset; the same file spelled another way is
+    the same."""
     for path in paths:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise DataError(f"{path}: no such readable file")
     stats = [os.stat(path) for path in paths]
-    return {"inputs": [{"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-                       for path, st in zip(paths, stats)]}
+    return {"inputs": [{"path": canonical_path(path), "bytes": st.st_size,
+                        "mtime_ns": st.st_mtime_ns} for path, st in zip(paths, stats)]}
+
+def same_settings(recorded, settings):
+    """Do a manifest's recorded settings name this run's? Its inputs compared as canonical_path
+    names them (a manifest of an older version recorded them as they were spelled)."""
+    try:
+        inputs = recorded["source"].get("inputs")
+        if inputs is not None:
+            inputs = [{**i, "path": canonical_path(i["path"])} for i in inputs]
+            recorded = {**recorded, "source": {**recorded["source"], "inputs": inputs}}
+    except (TypeError, KeyError, AttributeError):  # not settings this version writes
+        return False
+    return recorded == settings
 
 def local_docs(paths):
     for path in paths:
@@ -272,7 +374,7 @@ def local_docs(paths):
         except (OSError, ValueError) as e:  # I/O errors, bad UTF-8, unreadable parquet
             raise DataError(f"{path}: cannot read: {e}") from None
         if n == 0:
-            raise DataError(f"{path}: no documents (empty file?)")
+            raise DataError(f"{path}: no documents (an empty file, or only whitespace)")
 
 def hf_docs(dataset, subset):
     try:
@@ -307,8 +409,32 @@ def chunks(docs):
 # -----------------------------------------------------------------------------
 # the pipeline: documents -> tokens (in parallel, in order) -> shards
 
+def started(docs):
+    """docs with its first document already read: an input that cannot be read (the network is
+    down, the first line is bad) fails here, before anything is written."""
+    docs = iter(docs)
+    first = next(docs, None)
+    return docs if first is None else itertools.chain([first], docs)
+
+def worker_pool(workers):
+    """The tokeniser processes, or None for one worker (it tokenises in this process). They
+    ignore Ctrl-C: this process stops them, and says once what is kept."""
+    if workers == 1:
+        return None
+    try:
+        return mp.Pool(workers, initializer=signal.signal,
+                       initargs=(signal.SIGINT, signal.SIG_IGN))
+    except OSError as e:  # multiprocessing's semaphores live in /dev/shm
+        raise DataError(f"--workers {workers}: cannot start tokeniser processes ({e.strerror}; "
+                        f"multiprocessing needs a writable /dev/shm); --workers 1 tokenises "
+                        f"without them") from None
+
 def tokenized(pool, docs, window):
-    # at most `window` tasks in flight; Pool.imap would read the whole input ahead into memory
+    """The documents' tokens, chunk by chunk, in order: by the pool's processes with at most
+    `window` tasks in flight (Pool.imap would read the whole input ahead into memory), or here."""
+    if pool is None:
+        yield from map(tokenize_docs, chunks(docs))
+        return
     pending = collections.deque()
     for chunk in chunks(docs):
         pending.append(pool.apply_async(tokenize_docs, (chunk,)))
@@ -319,11 +445,9 @@ def tokenized(pool, docs, window):
 
 def write_manifest(out_dir, settings, shards, complete):
     """manifest.json: what the dataset is made from, its finished shards, and whether that's all."""
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with replacing(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump({"complete": complete, "settings": settings, "shards": shards}, f, indent=1)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 def intact(out_dir, shards):
     """The leading manifest entries whose shard files are still whole (header, size, tokens)."""
@@ -337,6 +461,67 @@ def intact(out_dir, shards):
         good.append(s)
     return good
 
+def lock_out_dir(out_dir):
+    """Hold out_dir/.lock while this run writes there (filelock: flock on POSIX, LockFileEx on
+    Windows): a second run into out_dir is refused, and the lock ends with the process, however it
+    ends. Returns the held lock."""
+    lock = filelock.FileLock(os.path.join(out_dir, LOCK), timeout=0, fallback_to_soft=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise DataError(f"--out_dir {out_dir} is in use by another run (it holds "
+                        f"{lock.lock_file}): wait for it to end, or choose another --out_dir"
+                        ) from None
+    except OSError as e:
+        raise DataError(f"--out_dir {out_dir}: cannot lock {lock.lock_file}: {e.strerror}"
+                        ) from None
+    return lock
+
+def plan(out_dir, settings):
+    """What a run of these settings does in out_dir, read before anything is written: (manifest
+    entries of the finished shards it keeps, names of its own earlier files it replaces, is the
+    dataset complete already, is an unfinished one of other settings started over).
+
+    Shards are prepare_fineweb.py's when its manifest lists them, or name the next ones it would
+    have listed (written, then killed before the manifest said so). Any other shard, and a
+    complete dataset of other settings, are a DataError naming them: never overwritten, and never
+    disowned by a manifest that would make train.py refuse them.
+    """
+    if not os.path.isdir(out_dir):
+        return [], [], False, False
+    old = read_manifest(out_dir)
+    present = set(shard_names(out_dir, "val") + shard_names(out_dir, "train"))
+    recorded = old.get("settings") if old and isinstance(old.get("settings"), dict) else {}
+    ours = [s["name"] for s in old["shards"]] if old else []
+    prefix = recorded.get("prefix")
+    while isinstance(prefix, str) and shard_name(prefix, len(ours)) in present:
+        ours.append(shard_name(prefix, len(ours)))
+    foreign = sorted(present - set(ours))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        why = f"its {MANIFEST} does not list them" if old else f"there is no {MANIFEST}"
+        raise DataError(f"{out_dir} holds shards prepare_fineweb.py did not write ({why}): "
+                        f"{', '.join(os.path.join(out_dir, n) for n in foreign[:3])}{more}; it "
+                        f"leaves them alone: choose another --out_dir, or move them out")
+    if old is None:
+        return [], [], False, False
+    if same_settings(recorded, settings):
+        kept = intact(out_dir, old["shards"])
+        done = old["complete"] and len(kept) == len(old["shards"])
+        return kept, ours[len(kept):], done, False
+    if old["complete"]:
+        differ = [k for k in settings
+                  if not same_settings({**settings, k: recorded.get(k)}, settings)]
+        raise DataError(f"{os.path.join(out_dir, MANIFEST)}: {out_dir} holds a complete dataset "
+                        f"made with another {', '.join(differ)}; delete {out_dir} or choose "
+                        f"another --out_dir")
+    return [], ours, False, True
+
+def already_complete(out_dir, shards):
+    print(f"{out_dir}: already complete ({os.path.join(out_dir, MANIFEST)}: {len(shards)} shards "
+          f"from the same inputs and settings); nothing to do")
+    return [os.path.join(out_dir, s["name"]) for s in shards]
+
 def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None):
     """Tokenise an iterable of documents into shards in out_dir; returns the shard paths.
 
@@ -344,48 +529,63 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
     shard_size tokens. An input that ends before its first train shard fills is split 10% / 90%
     instead (val at most val_tokens), so a small text still gets a train shard.
     manifest.json records `source` (what `docs` is read from: the same source must give the same
-    documents), the settings and each shard as it is finished; complete=true only after the last
-    one. A rerun with the same source and settings does nothing if the dataset is complete;
-    otherwise it keeps the finished shards that are still whole, skips their documents (read, not
-    tokenised) and writes the rest.
+    documents), the settings and the finished shards; complete=true only after the last one. A
+    rerun with the same source and settings does nothing if the dataset is complete; otherwise it
+    keeps the finished shards that are still whole, skips their documents (read, not tokenised)
+    and writes the rest. Nothing is written before the input's first document is read and out_dir
+    is locked (lock_out_dir); shards it did not write are refused (plan).
     """
-    from tqdm import tqdm
     val_tokens = val_tokens or shard_size
     settings = {"source": source, "prefix": prefix, "shard_size": shard_size,
                 "val_tokens": val_tokens, "tokenizer": "gpt2"}
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir}: not a directory")
+    kept, _, done, _ = plan(out_dir, settings)
+    if done:  # nothing to read, lock or write
+        return already_complete(out_dir, kept)
+    docs = started(docs)
+    get_tokenizer()  # loaded before the Pool forks: workers inherit it, none parses the BPE files
+    with worker_pool(workers) or contextlib.nullcontext() as pool:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"--out_dir {out_dir}: {e.strerror}") from None
+        lock = lock_out_dir(out_dir)
+        try:
+            return write_dataset(pool, docs, out_dir, settings, workers)
+        finally:
+            lock.release()
+
+def write_dataset(pool, docs, out_dir, settings, workers):
+    """prepare()'s writing, under out_dir's lock."""
+    from tqdm import tqdm
+    prefix, shard_size, val_tokens = (settings[k] for k in ("prefix", "shard_size", "val_tokens"))
     where = os.path.join(out_dir, MANIFEST)
-    old = read_manifest(out_dir)
-    shards = []  # manifest entries, one per finished shard (see flush)
-    if old is not None and old.get("settings") == settings:
-        shards = intact(out_dir, old["shards"])
-        if old["complete"] and len(shards) == len(old["shards"]):
-            print(f"{out_dir}: already complete ({where}: {len(shards)} shards from the same "
-                  f"inputs and settings); nothing to do")
-            return [os.path.join(out_dir, s["name"]) for s in shards]
-    elif old is not None and old["complete"]:
-        differ = [k for k in settings if (old.get("settings") or {}).get(k) != settings[k]]
-        raise DataError(f"{where}: {out_dir} holds a complete dataset made with another "
-                        f"{', '.join(differ)}; delete {out_dir} or choose another --out_dir")
-    elif old is not None:
+    shards, replaced, done, restart = plan(out_dir, settings)  # again, now that no one else writes
+    if done:
+        return already_complete(out_dir, shards)
+    if restart:
         print(f"{where}: an unfinished run with other inputs or settings; starting over")
-    for s in (old or {"shards": []})["shards"][len(shards):]:  # unfinished work, redone below
-        if os.path.exists(os.path.join(out_dir, s["name"])):
-            os.remove(os.path.join(out_dir, s["name"]))
+    for name in os.listdir(out_dir):  # a killed run's temporary files, unfinished work redone
+        if name in replaced or (name.endswith(".tmp") and (fnmatch.fnmatchcase(name, "*.bin.*")
+                                                           or name.startswith(MANIFEST + "."))):
+            os.remove(os.path.join(out_dir, name))
     write_manifest(out_dir, settings, shards, complete=False)
-    kept = len(shards)
+    kept, listed = len(shards), [time.monotonic()]
 
     def flush(tokens):
-        """Write the next shard, then list it in the manifest with where its last document stands:
+        """Write the next shard, and note it for the manifest with where its last document stands:
         `docs` documents begun so far, `tail` tokens of the last of them written (it may go on)."""
         docs_begun, tail = (shards[-1]["docs"], shards[-1]["tail"]) if shards else (0, 0)
         starts = np.flatnonzero(tokens == EOT)  # every document, and only one, begins with EOT
         tail = len(tokens) - starts[-1] if len(starts) else tail + len(tokens)
-        name = f"{prefix}_{'train' if shards else 'val'}_{len(shards):06d}.bin"
+        name = shard_name(prefix, len(shards))
         write_shard(os.path.join(out_dir, name), tokens)
         shards.append({"name": name, "tokens": len(tokens), "docs": docs_begun + len(starts),
                        "tail": int(tail)})
-        write_manifest(out_dir, settings, shards, complete=False)
+        if time.monotonic() - listed[0] >= MANIFEST_EVERY:
+            write_manifest(out_dir, settings, shards, complete=False)
+            listed[0] = time.monotonic()
 
     drop = 0  # tokens at the start of the stream that a kept shard already holds
     if shards:
@@ -395,57 +595,57 @@ def prepare(docs, source, out_dir, prefix, shard_size, workers, val_tokens=None)
         docs = itertools.islice(docs, skip, None)
     buf = np.empty(max(val_tokens, shard_size), dtype=np.uint16)  # one shard, whatever the corpus
     n = 0
-    get_tokenizer()  # loaded before the Pool forks: workers inherit it, none parses the BPE files
-    with mp.Pool(workers) as pool, tqdm(unit="tok", unit_scale=True, desc=prefix) as bar:
-        for tokens in tokenized(pool, docs, window=4 * workers):
-            cut = min(drop, len(tokens))
-            tokens, drop = tokens[cut:], drop - cut
-            bar.update(len(tokens))
-            while len(tokens):
-                want = shard_size if shards else val_tokens
-                take = min(want - n, len(tokens))
-                buf[n:n + take] = tokens[:take]
-                n, tokens = n + take, tokens[take:]
-                if n == want:
-                    flush(buf[:n])
-                    n = 0
-    if len(shards) <= 1:  # no train shard yet: the input was small; split all of it 10% / 90%
-        val = [load_shard(os.path.join(out_dir, s["name"])) for s in shards]
-        tokens = np.concatenate(val + [buf[:n]])
-        nval = min(val_tokens, max(1, len(tokens) // 10))
-        if len(tokens) <= nval:
-            raise DataError(f"the input has {len(tokens)} tokens: too few to split into validation "
-                            f"and training")
-        if nval < val_tokens:
-            print(f"note: a small input ({len(tokens):,} tokens): {nval:,} go to validation, "
-                  f"the rest to training")
-        shards.clear()
-        flush(tokens[:nval])
-        for i in range(nval, len(tokens), shard_size):
-            flush(tokens[i:i + shard_size])
-        kept = 0
-    elif n:
-        flush(buf[:n])
+    try:
+        with tqdm(unit="tok", unit_scale=True, desc=prefix) as bar:
+            for tokens in tokenized(pool, docs, window=4 * workers):
+                cut = min(drop, len(tokens))
+                tokens, drop = tokens[cut:], drop - cut
+                bar.update(len(tokens))
+                while len(tokens):
+                    want = shard_size if shards else val_tokens
+                    take = min(want - n, len(tokens))
+                    buf[n:n + take] = tokens[:take]
+                    n, tokens = n + take, tokens[take:]
+                    if n == want:
+                        flush(buf[:n])
+                        n = 0
+        if len(shards) <= 1:  # no train shard yet: the input was small; split all of it 10% / 90%
+            val = [load_shard(os.path.join(out_dir, s["name"])) for s in shards]
+            tokens = np.concatenate(val + [buf[:n]])
+            nval = min(val_tokens, max(1, len(tokens) // 10))
+            if len(tokens) <= nval:
+                raise DataError(f"the input has {len(tokens)} tokens: too few to split into "
+                                f"validation and training")
+            if nval < val_tokens:
+                print(f"note: a small input ({len(tokens):,} tokens): {nval:,} go to validation, "
+                      f"the rest to training")
+            shards.clear()
+            flush(tokens[:nval])
+            for i in range(nval, len(tokens), shard_size):
+                flush(tokens[i:i + shard_size])
+            kept = 0
+        elif n:
+            flush(buf[:n])
+    except BaseException as e:  # what is finished stays listed, for the rerun to keep
+        with contextlib.suppress(OSError):
+            write_manifest(out_dir, settings, shards, complete=False)
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"{where} lists the {len(shards)} shards finished; the same "
+                                    f"command again writes the rest") from None
+        raise
     write_manifest(out_dir, settings, shards, complete=True)
-    paths = [os.path.join(out_dir, s["name"]) for s in shards]
     print(f"{sum(s['tokens'] for s in shards):,} tokens in {len(shards)} shards in {out_dir} "
           f"({kept} kept from an earlier run, {len(shards) - kept} written); {where} marks the "
           f"dataset complete")
-    found = [p for split in ("train", "val")
-             for p in glob.glob(os.path.join(out_dir, f"*_{split}_*.bin"))]
-    stale = sorted(set(found) - set(paths))
-    if stale:
-        print(f"warning: {len(stale)} shards in {out_dir} are not part of this dataset and "
-              f"train.py refuses the directory while they are there; move them out: "
-              f"{' '.join(stale)}")
-    return paths
+    return [os.path.join(out_dir, s["name"]) for s in shards]
 
 # -----------------------------------------------------------------------------
 # HellaSwag (zero-shot evaluation data; scored by train.py --hellaswag)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-# the validation split: 10,042 examples
-HELLASWAG_PATH = os.path.join(REPO_DIR, "data", "hellaswag", "hellaswag_val.jsonl")
+# the validation split, 10,042 examples, in the repository
+HELLASWAG_FILE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
+HELLASWAG_PATH = os.path.join(REPO_DIR, HELLASWAG_FILE)
 HELLASWAG_FETCH = "python prepare_fineweb.py --hellaswag"
 
 def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
@@ -454,14 +654,13 @@ def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(path + ".tmp", "wb") as f:
+    try:  # an interrupted download leaves no partial file (replacing)
+        with urllib.request.urlopen(url, timeout=timeout) as r, replacing(path) as f:
             f.write(r.read())  # ~11 MB
     except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
         raise DataError(f"cannot download HellaSwag from {url} to {path}: {e}. Run "
                         f"`{HELLASWAG_FETCH}` "
                         f"where the network is reachable, or copy the file to {path}") from None
-    os.replace(path + ".tmp", path)  # an interrupted download leaves no partial file at path
     return path
 
 def load_hellaswag(path=HELLASWAG_PATH, limit=None):
@@ -498,18 +697,18 @@ def load_hellaswag(path=HELLASWAG_PATH, limit=None):
     return examples
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenise FineWeb or local files into llm.c-format "
-                                "GPT-2 shards.")
+    p = ArgumentParser(description="Tokenise FineWeb or local files into llm.c-format GPT-2 "
+                       "shards.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="fineweb",
                    help="Hugging Face source")
     p.add_argument("--subset", default="sample-10BT",
                    help="sample-10BT, sample-100BT, sample-350BT, default, ...")
     p.add_argument("--input", nargs="+",
                    help="local .jsonl/.json/.parquet/.txt files instead of Hugging Face")
-    p.add_argument("--out_dir", help="default: data/fineweb10B (FineWeb sample-10BT) or "
-                   "data/<prefix> (local files)")
+    p.add_argument("--out_dir", help="default: the repository's data/fineweb10B (FineWeb "
+                   "sample-10BT) or data/<prefix> (local files)")
     p.add_argument("--prefix", help="shard name prefix; default: fineweb, or the first input "
-                   "file's name stem")
+                   "file's name stem (without a leading '.')")
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
     p.add_argument("--val_tokens", type=int, help="tokens in the val shard (default: --shard_size; "
                    "an input too small for it plus one train shard gets 10%%)")
@@ -519,33 +718,31 @@ def main(argv=None):
                    help="download HellaSwag val to data/hellaswag/ and exit")
     args = p.parse_args(argv)
     if args.hellaswag:
-        try:
-            return print(download_hellaswag())
-        except DataError as e:
-            raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
+        return print(download_hellaswag())
     for name in ("shard_size", "val_tokens"):  # the header stores a shard's length as an int32
         if getattr(args, name) is not None and not 1 <= getattr(args, name) < 2**31:
             p.error(f"--{name} must be between 1 and {2**31 - 1}, not {getattr(args, name)}")
-    workers = max(1, min(args.workers, os.cpu_count() or 1))
-    try:
-        if args.input:
-            prefix = args.prefix or os.path.splitext(os.path.basename(args.input[0]))[0]
-            out_dir = args.out_dir or os.path.join("data", prefix)
-            docs, source = local_docs(args.input), local_source(args.input)
-        else:
-            prefix = args.prefix or "fineweb"
-            sample = args.subset.startswith("sample-")
-            tag = args.subset[len("sample-"):].rstrip("T") if sample else "_" + args.subset
-            out_dir = args.out_dir or os.path.join("data", args.dataset + tag)  # data/fineweb10B
-            docs = hf_docs(args.dataset, args.subset)
-            source = {"dataset": DATASETS[args.dataset], "subset": args.subset}
-        # train.py finds shards by *_train_* / *_val_*: a prefix holding those would be read twice
-        if not prefix or os.sep in prefix or "_train_" in prefix + "_" or "_val_" in prefix + "_":
-            raise DataError(f"shard prefix {prefix!r} (--prefix, or the first input's name): "
-                            f"pass a --prefix without '/', '_train' or '_val'")
-        return prepare(docs, source, out_dir, prefix, args.shard_size, workers, args.val_tokens)
-    except (DataError, OSError) as e:  # OSError: out_dir not writable, disk full, ... (names it)
-        raise SystemExit(f"prepare_fineweb.py: error: {e}") from None
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, not {args.workers}")
+    workers = min(args.workers, os.cpu_count() or 1)
+    if args.input:
+        prefix = args.prefix or os.path.splitext(os.path.basename(args.input[0]))[0].lstrip(".")
+        out_dir = args.out_dir or os.path.join(DATA_DIR, prefix)
+        docs, source = local_docs(args.input), local_source(args.input)
+    else:
+        prefix = args.prefix or "fineweb"
+        sample = args.subset.startswith("sample-")
+        tag = args.subset[len("sample-"):].rstrip("T") if sample else "_" + args.subset
+        out_dir = args.out_dir or os.path.join(DATA_DIR, args.dataset + tag)  # data/fineweb10B
+        docs = hf_docs(args.dataset, args.subset)
+        source = {"dataset": DATASETS[args.dataset], "subset": args.subset}
+    # train.py finds shards by *_train_* / *_val_*: a prefix holding those would be read twice;
+    # one starting with '.' would make hidden files
+    if (not prefix or os.sep in prefix or prefix.startswith(".") or "_train_" in prefix + "_"
+            or "_val_" in prefix + "_"):
+        raise DataError(f"shard prefix {prefix!r} (--prefix, or the first input's name): pass a "
+                        f"--prefix without '/', a leading '.', '_train' or '_val'")
+    return prepare(docs, source, out_dir, prefix, args.shard_size, workers, args.val_tokens)
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from infra import (SEED_RANGE, UsageError, autocast, check_dtype, check_ranges, from_pretrained,
-                   parse_args, pick_device, starting_point, usage)
-from model import GPT, GPTConfig
-from prepare_fineweb import get_tokenizer
+from infra import (SEED_RANGE, UsageError, autocast, check_dtype, check_kernel, check_ranges,
+                   from_pretrained, kernel_runs_here, parse_args, pick_device, starting_point,
+                   usage)
+from model import CHOICES, GPT, GPTConfig
+from prepare_fineweb import get_tokenizer, run_main
 
 
 @dataclass
@@ -34,11 +35,14 @@ class SampleConfig:
     z_samples: int = 0           # ∞-MoE K at inference; 0 keeps the checkpoint's
     z_deterministic: bool = False  # ∞-MoE z = mu (no noise); unless given, the checkpoint's setting
     moe_top_k: int = 0           # switch/top2 experts per token; 0 keeps the checkpoint's
+    use_kernel: str = ""         # ∞-MoE kernel auto|on|off; "": as saved (a saved on: auto on CPU)
 
 
 # The valid values of each numeric option (0 keeps the checkpoint's K or experts per token).
 RANGES = {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
           "seed": SEED_RANGE, "z_samples": ">= 0", "moe_top_k": ">= 0"}
+# the longest --start=FILE: read; a model sees only the last block_size tokens of a prompt anyway
+PROMPT_BYTES = 1 << 20
 
 
 def read_prompt(start):
@@ -47,8 +51,12 @@ def read_prompt(start):
         return start
     path = start[len("FILE:"):]
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            data = f.read(PROMPT_BYTES + 1)
+        if len(data) > PROMPT_BYTES:
+            raise UsageError(f"--start=FILE:{path}: longer than {PROMPT_BYTES >> 20} MiB; the "
+                             f"model sees only its last block_size tokens: give a shorter file")
+        return data.decode("utf-8")
     except OSError as e:
         raise UsageError(f"--start=FILE:{path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -64,7 +72,10 @@ def main(argv=None):
     given = parse_args(argv, cfg)
     check_ranges(given, RANGES)
     check_dtype(cfg.dtype)
+    if cfg.use_kernel not in ("", *CHOICES["use_kernel"]):
+        raise UsageError(f"--use_kernel={cfg.use_kernel}: expected auto, on or off")
     device = pick_device(cfg.device)
+    check_kernel(cfg.use_kernel, device)
     _, ctx = autocast(device, cfg.dtype)
     start = read_prompt(cfg.start)
 
@@ -72,10 +83,13 @@ def main(argv=None):
         raise UsageError("--init_from=scratch: sample.py needs trained weights (resume, gpt2, "
                          "a PATH)")
     ckpt, source = starting_point(cfg.init_from, cfg.out_dir)
+    saved = (source[0] if source is not None else ckpt["model_args"]).get("use_kernel", "auto")
+    # a checkpoint trained with the kernel on a GPU samples anywhere: auto's rule off CUDA
+    kernel = cfg.use_kernel or (saved if saved != "on" or kernel_runs_here(device) else "auto")
     if source is not None:  # GPT-2, a Hugging Face directory, a ckpt.pt or an out_dir
-        model = from_pretrained(cfg.init_from, weights=source)
+        model = from_pretrained(cfg.init_from, {"use_kernel": kernel}, weights=source)
     else:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = GPT(GPTConfig(**{**ckpt["model_args"], "use_kernel": kernel}))
         model.load_state_dict(ckpt["model"])
     if cfg.moe_top_k > model.config.n_expert:
         raise UsageError(f"--moe_top_k={cfg.moe_top_k}: this model has {model.config.n_expert} "
@@ -106,8 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:  # UsageError, config, packages
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

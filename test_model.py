@@ -995,7 +995,17 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
         (["--eval_iters=40"], "--eval_iters=40: the val split"),
         (["--vocab_size=50"], "syn_train_000001.bin: token id"),
         ([f"--data_dir={short}"], "syn_train_000003.bin: 100 tokens"),
-        ([f"--data_dir={tmp_path / 'nowhere'}"], "no train shards"),
+        ([f"--data_dir={tmp_path / 'nowhere'}"], "nowhere: no such directory"),
+        # values that cannot train, refused before anything is created
+        (["--learning_rate=inf"], "--learning_rate=inf: must be > 0"),
+        (["--aux_loss_coef=inf"], "--aux_loss_coef=inf: must be >= 0"),
+        (["--min_lr=0.01"], "--min_lr=0.01 is above --learning_rate=0.003"),
+        (["--seed=99999999999999999999999"], "--seed=99999999999999999999999: must be in [0, "
+                                             "18446744073709551615]"),
+        (["--seed=18446744073709551616"], "--seed=18446744073709551616: must be in"),
+        (["--n_layer=1000000"], "--n_layer=1000000 --n_embd=32"),
+        (["--block_size=1000000", "--batch_size=1", "--vocab_size=50257"],  # 400 GB of logits
+         "--block_size=1000000 --batch_size=1"),
     ]
     # `import wandb` fails, as when it is not installed
     monkeypatch.setitem(sys.modules, "wandb", None)
@@ -1147,6 +1157,22 @@ def test_log_holds_each_step_once_after_a_resume(shards, tmp_path):
     assert 9.0 not in [r["loss"] for r in log if "loss" in r]
 
 
+def test_scratch_run_keeps_an_eval_log_without_overwrite(shards, tmp_path):
+    """B4, the README's order of commands: --eval_only of another checkpoint writes out/eval.jsonl;
+    a scratch run into out then refuses, naming it, and --overwrite deletes it."""
+    ckpt = trained(shards, tmp_path / "src")
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, f"--init_from={ckpt}", "--eval_only"))
+    before = (out / "eval.jsonl").read_bytes()
+    with pytest.raises(UsageError) as err:
+        train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1"))
+    assert (str(out / "eval.jsonl") in str(err.value) and "--overwrite" in str(err.value)
+            and "\n" not in str(err.value))
+    assert (out / "eval.jsonl").read_bytes() == before
+    train.main(tiny_run(shards, out, "--max_iters=1", "--eval_interval=1", "--overwrite"))
+    assert not (out / "eval.jsonl").exists() and (out / "ckpt.pt").exists()
+
+
 # ====================================================================== sample.py
 
 def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
@@ -1194,6 +1220,21 @@ def test_sample_keeps_the_checkpoints_z_deterministic(shards, tmp_path, monkeypa
     assert seen == [True, False]
 
 
+def test_sample_runs_a_use_kernel_on_checkpoint_on_the_cpu(shards, tmp_path, monkeypatch):
+    """B5: a checkpoint saved with use_kernel=on (trained on a GPU) samples on a CPU without
+    Triton's interpreter, on the PyTorch path; --use_kernel=on itself is refused there."""
+    path = trained(shards, tmp_path / "out")
+    ckpt = load_checkpoint(path)
+    ckpt["model_args"]["use_kernel"] = "on"
+    infra.save_checkpoint(str(path), ckpt)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    argv = [f"--out_dir={tmp_path / 'out'}", "--start=!", "--num_samples=1", "--max_new_tokens=2"]
+    assert len(sample.main(argv)) == 1
+    with pytest.raises(UsageError, match="--use_kernel=on needs a CUDA device"):
+        sample.main(argv + ["--use_kernel=on"])
+
+
 # ====================================================================== prepare_fineweb.py
 
 # ---- tokenizer, input formats and shards
@@ -1232,7 +1273,8 @@ def read_shard_independently(path):
 
 
 def check_shards(out_dir, prefix, shard_size, docs, val_size=None):
-    names = sorted(p.name for p in Path(out_dir).iterdir() if p.name != "manifest.json")
+    names = sorted(p.name for p in Path(out_dir).iterdir()
+                   if p.name not in ("manifest.json", ".lock"))
     expected_names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin"
                                                      for i in range(1, len(names))]
     assert names == sorted(expected_names)  # no .tmp files left either
@@ -1266,7 +1308,7 @@ def check_manifest(out_dir, names, shards):
 
 
 def run_main_error(argv):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(DataError) as e:
         prepare_fineweb.main(argv)
     return str(e.value)
 
@@ -1365,7 +1407,8 @@ def test_bad_shards(tmp_path):
         assert str(bad) in str(e.value)
     with pytest.raises(AssertionError):
         write_shard(str(tmp_path / "big.bin"), np.array([70000]))
-    with pytest.raises(FileNotFoundError) as e:
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError) as e:
         shard_paths(str(tmp_path / "nothing"), "val")
     assert ("nothing" in str(e.value) and "val" in str(e.value)
             and "prepare_fineweb.py" in str(e.value))
@@ -1475,6 +1518,41 @@ def test_check_dataset_names_the_file(shards, damage, names, message):
     assert str(shards / names) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("case, message", [
+    ("pattern", "no such directory"),  # B1: not a glob pattern: d* is not d1 and d2
+    ("brackets", None),  # B1: a directory named like a pattern is that directory
+    ("shard_named_dir", "a directory, not a shard"),  # B9
+    ("missing", "no such directory"),
+    ("file", "not a directory"),
+    ("loop", "symbolic links"),
+])
+def test_data_dir_is_a_path(shards, tmp_path, case, message):
+    data = {"pattern": tmp_path / "d*", "brackets": tmp_path / "run[1]", "missing": tmp_path / "no",
+            "file": tmp_path / "f", "loop": tmp_path / "loop", "shard_named_dir": shards}[case]
+    if case == "pattern":
+        for twin in ("d1", "d2"):
+            shutil.copytree(shards, tmp_path / twin)
+    elif case == "brackets":
+        shutil.copytree(shards, data)
+    elif case == "file":
+        data.write_text("")
+    elif case == "loop":
+        os.symlink(data, data)
+    elif case == "shard_named_dir":
+        (shards / "syn_train_000009.bin").mkdir()
+    if message is None:
+        info = check_dataset(str(data), 97)
+        assert [os.path.basename(p) for p, _ in info["val"] + info["train"]] == [
+            "syn_val_000000.bin", "syn_train_000001.bin", "syn_train_000002.bin"]
+        return
+    with pytest.raises(DataError, match=message) as e:
+        check_dataset(str(data), 97)
+    where = shards / "syn_train_000009.bin" if case == "shard_named_dir" else data
+    # the right next step: not "create shards there" (prepare_fineweb) for a path that is wrong
+    assert (str(where) in str(e.value) and "\n" not in str(e.value)
+            and "prepare_fineweb" not in str(e.value))
+
+
 # ---- bad input
 
 def test_bad_input(tmp_path):
@@ -1561,9 +1639,26 @@ def test_prepare_bad_options_write_nothing(tmp_path, monkeypatch, capsys):
     msg = run_main_error(base[:2] + ["--out_dir", str(tmp_path / "file")])
     assert str(tmp_path / "file") in msg and "\n" not in msg
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_fineweb, "DATA_DIR", str(tmp_path / "data"))
     assert "pip install datasets" in run_main_error([])
     assert not (tmp_path / "data").exists()
+
+
+def test_an_input_named_with_a_dot_makes_shards_train_py_sees(tmp_path):
+    """B8: .notes.jsonl's shards are notes_*.bin, not hidden files; a --prefix starting with '.' is
+    refused; and hidden shards written before are seen."""
+    src = write_jsonl(tmp_path / ".notes.jsonl", ["some notes " * 20, "more notes " * 20])
+    prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "n"), "--workers", "1"])
+    info = check_dataset(str(tmp_path / "n"), 50257)
+    assert [os.path.basename(p) for p, _ in info["val"] + info["train"]] == [
+        "notes_val_000000.bin", "notes_train_000001.bin"]
+    msg = run_main_error(["--input", str(src), "--prefix", ".x", "--out_dir", str(tmp_path / "x")])
+    assert "--prefix" in msg and not (tmp_path / "x").exists()
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    write_llmc_shard(hidden / ".old_val_000000.bin", [1, 2, 3])
+    write_llmc_shard(hidden / ".old_train_000001.bin", [4, 5, 6])
+    assert len(check_dataset(str(hidden), 97)["train"]) == 1
 
 
 # ---- resume
@@ -1645,11 +1740,14 @@ def test_hugging_face_source_uses_same_pipeline(tmp_path, monkeypatch):
         calls.append((path, name, split, streaming))
         return iter([{"text": "row one", "id": "a"}, {"text": "row two", "id": "b"}])
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    # the default out_dir is in the repository's data/, wherever the command is run
+    monkeypatch.setattr(prepare_fineweb, "DATA_DIR", str(tmp_path / "repo" / "data"))
     monkeypatch.chdir(tmp_path)
     prepare_fineweb.main(["--dataset", "fineweb-edu", "--subset", "sample-100BT",
                           "--shard_size", "3", "--workers", "2"])
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
-    check_shards(tmp_path / "data" / "fineweb-edu100B", "fineweb", 3, ["row one", "row two"])
+    check_shards(tmp_path / "repo" / "data" / "fineweb-edu100B", "fineweb", 3,
+                 ["row one", "row two"])
 
 
 def test_hugging_face_resume_skips_finished_documents(tmp_path, monkeypatch):
@@ -1751,6 +1849,70 @@ def test_hellaswag_empty_or_malformed_names_file_and_line(tmp_path):
         assert str(path) in str(e.value)
     with pytest.raises(FileNotFoundError, match="prepare_fineweb.py --hellaswag"):
         load_hellaswag(str(tmp_path))  # a directory
+
+
+# ---- out_dir: whose shards, one run at a time
+
+def offline_datasets(monkeypatch):
+    import types
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+
+
+def test_prepare_never_overwrites_or_disowns_shards_it_did_not_write(shards, tmp_path,
+                                                                      monkeypatch):
+    """B2: shards without a manifest (modded-nanogpt's, in prepare_fineweb's out_dir) are refused,
+    named, by an offline FineWeb run and by local text of the same prefix; nothing changes. With a
+    manifest, a shard it does not list is not prepare_fineweb's either."""
+    offline_datasets(monkeypatch)
+    before = shard_files(shards)
+    src = write_jsonl(tmp_path / "t.jsonl", ["some text " * 30] * 20)
+    for argv in (["--out_dir", str(shards), "--prefix", "syn"],
+                 ["--input", str(src), "--out_dir", str(shards), "--prefix", "syn"]):
+        msg = run_main_error(argv)
+        assert ("did not write" in msg and str(shards / "syn_val_000000.bin") in msg
+                and "\n" not in msg), msg
+        assert shard_files(shards) == before  # no manifest, lock or shard written
+    assert check_dataset(str(shards), 97)["manifest"] is False  # train.py still reads them
+    ours = tmp_path / "ours"
+    argv = ["--input", str(src), "--out_dir", str(ours), "--shard_size", "200", "--workers", "1"]
+    prepare_fineweb.main(argv)
+    shutil.copy(shards / "syn_train_000002.bin", ours / "other_train_000001.bin")
+    write_jsonl(src, ["other text " * 30] * 20)  # another input: an unfinished run would restart
+    mine = shard_files(ours)
+    msg = run_main_error(argv)
+    assert "did not write" in msg and str(ours / "other_train_000001.bin") in msg
+    assert shard_files(ours) == mine
+
+
+def test_a_second_run_into_one_out_dir_is_refused(tmp_path, monkeypatch):
+    """B3: prepare_fineweb.py holds a lock on out_dir while it writes: a second run is refused,
+    naming out_dir, and writes nothing."""
+    import filelock
+    src = write_jsonl(tmp_path / "t.jsonl", ["some text " * 30] * 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--input", str(src), "--out_dir", str(out), "--shard_size", "100", "--workers", "1"]
+    with filelock.FileLock(str(out / ".lock"), timeout=0):
+        msg = run_main_error(argv)
+        assert "in use" in msg and str(out) in msg and "\n" not in msg
+    assert os.listdir(out) == [".lock"]
+    held, write = [], prepare_fineweb.write_shard
+
+    def probing_write(path, tokens):  # the first run's writes, while a second tries to start
+        try:
+            filelock.FileLock(str(out / ".lock"), timeout=0).acquire()
+            held.append(False)
+        except filelock.Timeout:
+            held.append(True)
+        write(path, tokens)
+
+    monkeypatch.setattr(prepare_fineweb, "write_shard", probing_write)
+    prepare_fineweb.main(argv)
+    assert len(held) > 3 and all(held)
 
 
 # ====================================================================== kernel.py
@@ -2430,19 +2592,25 @@ def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
 
 # ====================================================================== compare.py
 
+def fake_compare_run(root, name, ffn, seed, curve, tok_s=None):
+    """A run of compare's grid as train.py leaves it: log.jsonl with an evaluation and a training
+    record per step of `curve`, and ckpt.pt at its last step."""
+    out = root / name
+    out.mkdir()
+    tok_s = list(tok_s or [1.0] * len(curve))
+    with open(out / "log.jsonl", "w") as f:
+        for step, v in curve:
+            f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
+            f.write(json.dumps({"step": step + 10, "loss": v, "tokens_per_s": tok_s.pop(0)}) + "\n")
+    ckpt = {"model_args": dataclasses.asdict(tiny(ffn)), "iter_num": curve[-1][0],
+            "config": {"max_iters": 200, "seed": seed}}
+    infra.save_checkpoint(str(out / "ckpt.pt"), ckpt)
+
+
 def test_compare_tables_and_plots_finished_runs(tmp_path):
     # three dense seeds with hand-made curves, one variant, one unfinished run (left out)
     def fake_run(name, ffn, curve, tok_s):
-        out = tmp_path / name
-        out.mkdir()
-        with open(out / "log.jsonl", "w") as f:
-            for step, v in curve:
-                f.write(json.dumps({"step": step, "val_loss": v}) + "\n")
-                f.write(json.dumps({"step": step + 10, "loss": v,
-                                    "tokens_per_s": tok_s.pop(0)}) + "\n")
-        ckpt = {"model_args": dataclasses.asdict(tiny(ffn)), "iter_num": curve[-1][0],
-                "config": {"max_iters": 200}}
-        infra.save_checkpoint(str(out / "ckpt.pt"), ckpt)
+        fake_compare_run(tmp_path, name, ffn, int(name[-4:]), curve, tok_s)
 
     fake_run("dense-s1337", "dense", [(0, 11.0), (200, 6.25)], [100.0, 900.0])
     fake_run("dense-s1338", "dense", [(0, 11.0), (200, 6.20)], [200.0, 300.0])
@@ -2462,8 +2630,28 @@ def test_compare_tables_and_plots_finished_runs(tmp_path):
     assert lines[3].startswith("| inf_deep | `--ffn=inf_deep` | 1 | 6.4000 |  | 60 |")
     png = tmp_path / "val_loss.png"
     assert compare.plot(rows, str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="no finished run"):
+    with pytest.raises(UsageError, match="no finished run"):
         compare.main(["--runs_dir", str(tmp_path / "empty")])
+
+
+def test_compare_plots_seed_means_by_step_and_checks_whose_checkpoint(tmp_path, monkeypatch):
+    """B6: two seeds that logged different eval steps: the mean curve pairs their values by step.
+    B7: a run directory whose ckpt.pt is another FFN's is refused, naming it."""
+    import matplotlib.axes
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, *a, **k: drawn.append((list(x), list(y)))
+                        or plot(self, x, y, *a, **k))
+    fake_compare_run(tmp_path, "dense-s1337", "dense", 1337, [(0, 11.0), (100, 7.0), (200, 6.4)])
+    fake_compare_run(tmp_path, "dense-s1338", "dense", 1338, [(0, 11.0), (200, 6.5)])
+    rows = compare.summarise(str(tmp_path))
+    assert compare.plot(rows, str(tmp_path / "p.png"))
+    x, y = drawn[0]
+    assert dict(zip(x, y))[200] == pytest.approx(6.45)
+    fake_compare_run(tmp_path, "inf-s1337", "dense", 1337, [(0, 11.0), (200, 6.3)])
+    with pytest.raises(UsageError) as err:
+        compare.summarise(str(tmp_path))
+    assert str(tmp_path / "inf-s1337" / "ckpt.pt") in str(err.value) and "dense" in str(err.value)
 
 
 # ====================================================================== README.md

@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_ranges,
-                   leave_process_group, load_pretrained, pick_device, prepare_out_dir,
-                   pretrained_config, read_flags, reduce_mean, rng_states, save_checkpoint,
-                   set_rng_state, start_process, starting_point, usage)
+from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_kernel, check_memory,
+                   check_ranges, leave_process_group, load_pretrained, pick_device,
+                   prepare_out_dir, pretrained_config, read_flags, reduce_mean, rng_states,
+                   save_checkpoint, set_rng_state, start_process, starting_point, usage)
 from model import GPT, INFERENCE_KNOBS, GPTConfig
 from model import RANGES as MODEL_RANGES
-from prepare_fineweb import (HELLASWAG_PATH, DataError, check_dataset, load_hellaswag, load_shard,
-                             shard_paths)
+from prepare_fineweb import (HELLASWAG_FILE, REPO_DIR, DataError, canonical_path, check_dataset,
+                             load_hellaswag, load_shard, run_main, shard_paths)
 from zeroshot import run_hellaswag
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "out"              # ckpt.pt, log.jsonl (training), eval.jsonl (--eval_only)
-    data_dir: str = "data/sample"     # llm.c shards: *_val_*.bin and *_train_*.bin
+    data_dir: str = "data/sample"     # llm.c shards *_val_*.bin, *_train_*.bin; default: the repo's
     init_from: str = "scratch"        # scratch | resume (out_dir/ckpt.pt, settings) | gpt2* | PATH
     preset: str = ""                  # gpt2 | gpt2-medium: the paper's model shapes and recipe
     overwrite: bool = False           # scratch run: delete out_dir's ckpt.pt, log.jsonl, eval.jsonl
@@ -42,7 +42,7 @@ class TrainConfig:
     eval_only: bool = False           # score the checkpoint once (val loss, HellaSwag) and exit
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
     hellaswag_limit: int = 0          # 0: all 10,042 examples; else the first N (a quick look)
-    hellaswag_path: str = HELLASWAG_PATH  # the validation split: prepare_fineweb.py --hellaswag
+    hellaswag_path: str = HELLASWAG_FILE  # prepare_fineweb.py --hellaswag's; default: the repo's
     eval_interval: int = 50           # evaluate (and save ckpt.pt) every this many steps
     eval_iters: int = 10              # validation batches; always the same val tokens
     log_interval: int = 10            # print and log the training loss every this many steps
@@ -120,6 +120,16 @@ def main(argv=None):
     lock = prepare_out_dir(cfg, ckpt) if master and not cfg.eval_only else None
     try:
         return train(cfg, model_args, ckpt, data_start, source)
+    except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, a full disk: one line, saying what is kept
+        if lock is None:
+            raise
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        kept = (f"{path}, the last checkpoint, is whole: continue with --init_from=resume"
+                if os.path.exists(path) else "this run wrote no checkpoint")
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from None
+        raise SystemExit(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}; "
+                         f"{kept}") from None
     finally:
         if lock is not None:
             lock.close()
@@ -130,7 +140,7 @@ def train(cfg, model_args, ckpt, data_start, source=None):
     the record. ckpt: a checkpoint to resume; source: trained weights to start from at step 0."""
     proc = start_process(cfg.device, cfg.dtype)  # rank, device, autocast; DDP under torchrun
     grad_accum = cfg.gradient_accumulation_steps // proc.world
-    torch.manual_seed(cfg.seed + proc.rank)  # ranks draw different ∞-MoE noise
+    torch.manual_seed((cfg.seed + proc.rank) % 2**64)  # ranks draw different ∞-MoE noise
     model = GPT(GPTConfig(**model_args))
     if source is not None:  # GPT-2 or another run's weights (upcycled if dense -> MoE)
         load_pretrained(model, *source)
@@ -437,6 +447,20 @@ def evaluate(model, loader, eval_iters, proc):
 
 
 # ----------------------------------------------------------------------------- configuration
+# Defaults that are paths in this repository (the bundled sample; where prepare_fineweb.py puts
+# FineWeb and HellaSwag), by their spellings: read from the repository wherever train.py is
+# started. A path given on the command line stays as given, relative to the working directory.
+BUNDLED = {"data_dir": (TrainConfig.data_dir, RECIPE["data_dir"]),
+           "hellaswag_path": (TrainConfig.hellaswag_path,)}
+
+
+def in_repository(values, given):
+    """values with each BUNDLED path that is not in `given` (the command line's) and is spelled as
+    a default (the default, a preset's, or as a checkpoint of an older version saved it) made the
+    repository's."""
+    return {**values, **{k: os.path.join(REPO_DIR, values[k]) for k, spellings in BUNDLED.items()
+                         if k in values and k not in given and values[k] in spellings}}
+
 
 def configure(argv):
     """(TrainConfig, GPTConfig kwargs, checkpoint to resume or None, {setting: (checkpoint's,
@@ -446,6 +470,7 @@ def configure(argv):
     checkpoint starts from the settings saved in it. Then --preset, then the command line on top.
     """
     flags = read_flags(argv, TrainConfig, GPTConfig)
+    given = set(flags)
     if "preset" in flags:
         if flags["preset"] not in PRESETS:
             raise UsageError(f"--preset={flags['preset']}: expected one of {', '.join(PRESETS)}")
@@ -466,17 +491,21 @@ def configure(argv):
         base_model = dataclasses.asdict(GPTConfig() if "preset" in flags else
                                         GPTConfig(**TINY_MODEL))
     else:
+        ckpt["config"] = in_repository(ckpt["config"], ())
         base_train = {k: v for k, v in ckpt["config"].items()
                       if k in train_fields and k not in PER_INVOCATION}
         base_model = {**dataclasses.asdict(GPTConfig()),
                       **{k: v for k, v in ckpt["model_args"].items() if k in model_fields}}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in base_train.items() if k not in flags})
+    cfg = TrainConfig(**in_repository(dataclasses.asdict(cfg), given))
     model_args = {**base_model, **model_flags}
 
     changed = {}
     if ckpt is not None:
-        saved = {**base_train, **base_model}
-        changed = {k: (saved[k], v) for k, v in flags.items() if k in saved and saved[k] != v}
+        saved, now = {**base_train, **base_model}, {**dataclasses.asdict(cfg), **model_args}
+        same = lambda k: (canonical_path(saved[k]) == canonical_path(now[k]) if k in BUNDLED
+                          else saved[k] == now[k])  # a path: the directory, however it is spelled
+        changed = {k: (saved[k], now[k]) for k in flags if k in saved and not same(k)}
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         shape = [k for k in changed if k in model_fields and k not in INFERENCE_KNOBS]
         if shape:
@@ -498,6 +527,9 @@ def configure(argv):
                          f"directory, a ckpt.pt)")
     check_ranges(dataclasses.asdict(cfg), RANGES)
     check_ranges(model_args, MODEL_RANGES)
+    if cfg.min_lr > cfg.learning_rate and not cfg.eval_only:
+        raise UsageError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}: the "
+                         f"cosine schedule decays from learning_rate down to min_lr")
     check_dtype(cfg.dtype)
     try:
         GPTConfig(**model_args)  # the combination (n_embd % n_head, moe_top_k <= n_expert, ...)
@@ -515,10 +547,8 @@ def configure(argv):
 def check_system(cfg, model_args, world):
     """What the device, the dtype and the number of processes allow."""
     device = pick_device(cfg.device)
-    on_cuda = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if model_args["ffn"] == "inf" and model_args["use_kernel"] == "on" and not on_cuda:
-        raise UsageError(f"--use_kernel=on needs a CUDA device for its Triton kernels, not "
-                         f"{device}; use --use_kernel=off (or auto) here")
+    if model_args["ffn"] == "inf":
+        check_kernel(model_args["use_kernel"], device)
     dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     # torch.compile's shape function for grouped_mm accepts bf16 only; eager float32 runs on the
     # CPU and on CUDA (there through torch's one-matmul-per-expert fallback: slow, see README)
@@ -531,6 +561,7 @@ def check_system(cfg, model_args, world):
                          f"divisible by the {world} processes")
     if cfg.eval_iters % world:
         raise UsageError(f"--eval_iters={cfg.eval_iters} is not divisible by the {world} processes")
+    check_memory(model_args, cfg.batch_size, device, training=not cfg.eval_only)
 
 
 def check_data(cfg, model_args, ckpt, world, master):
@@ -556,7 +587,8 @@ def check_data(cfg, model_args, ckpt, world, master):
         raise UsageError(f"--eval_iters={cfg.eval_iters}: the val split of {cfg.data_dir} holds "
                          f"only {val_batches} batches of {B} x {T} tokens; lower --eval_iters or "
                          f"--batch_size")
-    if ckpt is None or cfg.eval_only or ckpt["config"]["data_dir"] != cfg.data_dir:
+    if ckpt is None or cfg.eval_only or (canonical_path(ckpt["config"]["data_dir"])
+                                         != canonical_path(cfg.data_dir)):
         return {"shard": 0, "offset": 0}  # a new data_dir (--allow_changes) is read from its start
     shard, offset = ckpt["data"]["shard"], ckpt["data"]["offset"]
     if shard >= len(dataset["train"]) or offset + need > dataset["train"][shard][1]:
@@ -567,8 +599,4 @@ def check_data(cfg, model_args, ckpt, world, master):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError, DataError) as e:  # UsageError, data, ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
