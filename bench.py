@@ -471,14 +471,14 @@ def compile_check_main(argv):
     p.add_argument("--d", default="768,1024", type=integers(1),
                    help="model widths; d_ff = 8d, d_z = 128, K = 2")
     args = p.parse_args(argv)
-    if kernel.INTERPRET:
-        p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
     if not set(args.archs) <= set(ARCHS):
         p.error(f"--archs={','.join(map(str, args.archs))}: expected some of "
                 f"{','.join(map(str, ARCHS))}")
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if not set(args.dtypes.split(",")) <= set(names):
         p.error(f"--dtypes={args.dtypes}: expected bf16 and/or fp32")
+    if kernel.INTERPRET:
+        p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import triton
     print(f"Triton {triton.__version__}, torch {torch.__version__}; d_ff = 8d, d_z = 128, K = 2")
     return compile_check(args.archs, [names[t] for t in args.dtypes.split(",")], args.d,
@@ -515,10 +515,10 @@ def main(argv=None):
                    "it is (by default freed memory is kept in the process, as on CUDA: see "
                    "keep_freed_memory)")
     args = p.parse_args(argv)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):  # known before, not after
+        p.error(f"--plot={args.plot}: no directory {os.path.dirname(os.path.abspath(args.plot))}")
     if kernel.INTERPRET:
         p.error("unset TRITON_INTERPRET (the interpreter is for tests, not for timing)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        p.error(f"--plot={args.plot}: no directory {os.path.dirname(os.path.abspath(args.plot))}")
     benchmark(args)
 
 

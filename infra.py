@@ -180,7 +180,7 @@ def check_memory(model_args, batch_size, device, training):
     need = 4 * (params * (4 if training else 1) + logits * (2 if training else 1))
     if need > total:
         raise UsageError(f"--n_layer={c.n_layer} --n_embd={c.n_embd} --block_size={c.block_size} "
-                         f"--batch_size={batch_size}: {params / 1e9:,.2f}B parameters and a "
+                         f"--batch_size={batch_size}: {params / 1e6:,.0f}M parameters and a "
                          f"batch's {logits:,} logits need at least {need / 2**30:,.0f} GiB to "
                          f"{'train' if training else 'evaluate'}, more than the "
                          f"{total / 2**30:,.0f} GiB of {device}; make the model or the batch "

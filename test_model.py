@@ -1,6 +1,7 @@
 """Test suite: CPU only, `python -m pytest -q test_model.py`. Triton kernels run under
 TRITON_INTERPRET=1."""
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 # tests only: a small random GPT-2 to compare with
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import bench
 import compare
 import infra
 import kernel
@@ -183,6 +185,43 @@ def hf_gpt2(tmp_path_factory):
 def hf_logits(hf, idx):
     with torch.no_grad():
         return hf(idx).logits
+
+
+# ---- a full disk, Ctrl-C in the middle of a write
+
+def failing_writes(monkeypatch, nth, error):
+    """The nth temporary file written through prepare_fineweb.replacing (shards, manifests,
+    checkpoints) raises error at its first write: a full disk, or Ctrl-C there."""
+    real, opened = open, [0]
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise error
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, *args, **kwargs):
+        f = real(path, *args, **kwargs)
+        if not str(path).endswith(".tmp"):
+            return f
+        opened[0] += 1
+        return Failing(f) if opened[0] == nth else f
+
+    monkeypatch.setattr(prepare_fineweb, "open", fake_open, raising=False)
+
+
+def disk_full():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 # ====================================================================== model.py
@@ -1022,7 +1061,8 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
 def test_one_line_error_and_exit_status_2(shards, tmp_path):
     for script, argv, words in [("train.py", tiny_run(shards, tmp_path, "--eval_iters=0"),
                                  "--eval_iters=0"),
-                                ("sample.py", ["--top_k=-5"], "--top_k=-5")]:
+                                ("sample.py", ["--top_k=-5"], "--top_k=-5"),
+                                ("prepare_fineweb.py", ["--input", "nowhere"], "nowhere")]:
         res = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
                              cwd=REPO, timeout=600)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and words in res.stderr
@@ -1173,6 +1213,82 @@ def test_scratch_run_keeps_an_eval_log_without_overwrite(shards, tmp_path):
     assert not (out / "eval.jsonl").exists() and (out / "ckpt.pt").exists()
 
 
+def test_overwrite_deletes_nothing_before_every_option_is_checked(shards, tmp_path):
+    """--overwrite with an upcycling error found only when the weights were loaded: the error now
+    comes first, and ckpt.pt and log.jsonl are still there."""
+    dense = tmp_path / "dense"
+    train.main(tiny_run(shards, dense, "--ffn=dense", "--max_iters=1", "--eval_interval=1"))
+    out = tmp_path / "out"
+    trained(shards, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UsageError, match="d_ff_mult must be 16"):
+        train.main(tiny_run(shards, out, f"--init_from={dense}", "--ffn=switch", "--d_ff_mult=8",
+                            "--overwrite", "--max_iters=1"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(shards, tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "out"
+    failing_writes(monkeypatch, 2, disk_full())  # the checkpoint at step 4; step 2's is written
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_run(shards, out, "--max_iters=4", "--eval_interval=2"))
+    assert str(e.value) == (f"error: {out / 'ckpt.pt'}: No space left on device; "
+                            f"{out / 'ckpt.pt'}, the last checkpoint, is whole: continue with "
+                            f"--init_from=resume")
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2
+    assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(shards, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", *tiny_run(shards, out, "--max_iters=100000",
+                                                 "--eval_interval=2")]
+    # SIGINT as a terminal sends it (a shell's background job would otherwise ignore it)
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in child.stdout:
+            if line.startswith("step 3/"):  # the checkpoint of step 2 is written
+                break
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"interrupted: {out / 'ckpt.pt'}, the last checkpoint, is "
+                                    f"whole: continue with --init_from=resume")
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] >= 2 and not list(out.glob("*.tmp"))
+
+
+def test_bundled_defaults_are_the_repositorys_wherever_train_py_runs(tmp_path, monkeypatch):
+    """Started from another directory, train.py reads the bundled data/sample; a checkpoint of an
+    older version, which saved the default as "data/sample", still resumes; the same directory
+    spelled another way is no change of data_dir; a path given is relative to the working
+    directory."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--d_z=8",
+             "--batch_size=4", "--eval_iters=1", "--eval_interval=1"]
+    train.main(small + ["--max_iters=1", "--out_dir=out"])
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"]["data_dir"] == str(REPO / "data" / "sample")
+    ckpt["config"].update(data_dir="data/sample",
+                          hellaswag_path="data/hellaswag/hellaswag_val.jsonl")
+    infra.save_checkpoint(str(path), ckpt)
+    train.main(["--out_dir=out", "--init_from=resume", "--max_iters=2"])
+    assert load_checkpoint(path)["data"] != ckpt["data"]  # it read on from where it stopped
+    monkeypatch.chdir(REPO)
+    train.main([f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=3",
+                "--data_dir=./data/sample"])
+    assert load_checkpoint(path)["iter_num"] == 3
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=f"data/sample: no such directory .*{tmp_path}"):
+        train.main(small + ["--max_iters=1", "--out_dir=out2", "--data_dir=data/sample"])
+    assert not (tmp_path / "out2").exists()
+
+
 # ====================================================================== sample.py
 
 def test_sample_prints_text_from_a_trained_checkpoint(shards, tmp_path, capsys):
@@ -1201,6 +1317,9 @@ def test_bad_sample_options(tmp_path, no_model):
         ([f"--start=FILE:{tmp_path / 'latin1.txt'}"], "latin1.txt: not UTF-8"),
         ([f"--start=FILE:{tmp_path / 'missing.txt'}"], "missing.txt: No such file"),
         ([f"--out_dir={tmp_path}"], f"no checkpoint at {tmp_path / 'ckpt.pt'}"),
+        (["--start=FILE:/dev/zero"], "--start=FILE:/dev/zero: longer than 1 MiB"),
+        (["--seed=18446744073709551616"], "--seed=18446744073709551616: must be in [0, "),
+        (["--use_kernel=maybe"], "--use_kernel=maybe: expected auto, on or off"),
     ]
     for argv, words in cases:
         with pytest.raises(UsageError) as err:
@@ -1915,6 +2034,107 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, monkeypatch):
     assert len(held) > 3 and all(held)
 
 
+# ---- errors: one line, one exit status, nothing left behind
+
+@pytest.mark.parametrize("script, argv, words", [
+    (prepare_fineweb, ["--shard_size", "0"], "--shard_size"),
+    (prepare_fineweb, ["--workers", "0"], "--workers"),
+    (prepare_fineweb, ["--input", "nowhere.jsonl"], "nowhere.jsonl: no such readable file"),
+    (train, ["--bogus=1"], "unknown option --bogus"),
+    (sample, ["--top_k=-5"], "--top_k=-5"),
+    (compare, ["--jobs=0"], "--jobs=0"),
+    (compare, ["--plot=/nowhere/x.png"], "--plot=/nowhere/x.png: no directory /nowhere"),
+    (bench, ["--rates=abc"], "argument --rates: 'abc'"),
+    (bench, ["--rates=150"], "argument --rates: 150 is not between 1 and 100"),
+    (bench, ["--ks=0"], "argument --ks: 0"),
+    (bench, ["--tokens=-1"], "argument --tokens: -1"),
+    (bench, ["--tokens=0"], "argument --tokens: 0"),
+    (bench, ["--d_z=0"], "argument --d_z: 0"),
+    (bench, ["--reps=0"], "argument --reps: 0"),
+    (bench, ["--plot=/nowhere/x.png"], "--plot=/nowhere/x.png: no directory /nowhere"),
+    (bench, ["--compile-check", "--archs=abc"], "argument --archs: 'abc'"),
+    (bench, ["--compile-check", "--archs=75"], "--archs=75: expected some of 80,86,89,90"),
+    (bench, ["--compile-check", "--d=0"], "argument --d: 0"),
+])
+def test_every_script_exits_2_with_one_line(script, argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_fineweb.run_main(lambda: script.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert words in err, err
+
+
+def test_prepare_errors_name_the_file_and_leave_no_temporary_file(tmp_path, monkeypatch, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", real_docs())
+    out = tmp_path / "out"
+    argv = ["--input", str(src), "--out_dir", str(out), "--shard_size", "1000"]
+    # a read-only /dev/shm: multiprocessing cannot start; one worker needs none, nothing is written
+    with monkeypatch.context() as m:
+        m.setattr(prepare_fineweb.mp, "Pool", lambda *a, **k: (_ for _ in ()).throw(
+            OSError(errno.EROFS, "Read-only file system")))
+        msg = run_main_error(argv + ["--workers", "2"])
+        assert "/dev/shm" in msg and "--workers 1" in msg and not out.exists()
+    # a full disk at the 3rd shard (the 4th file written, after the manifest): exit status 1, the
+    # shard named; the finished shards stay listed; then Ctrl-C as the rerun writes that shard
+    for nth, error, status, words in (
+            (4, disk_full(), 1, f"error: {out / 'd_train_000002.bin'}: No space left on device"),
+            (2, KeyboardInterrupt(), 130, f"interrupted: {out / 'manifest.json'} lists the 2 "
+                                          f"shards finished")):
+        with monkeypatch.context() as m:
+            failing_writes(m, nth, error)
+            with pytest.raises(SystemExit) as e:
+                prepare_fineweb.run_main(lambda: prepare_fineweb.main(argv + ["--workers", "1"]))
+        err = capsys.readouterr().err
+        assert e.value.code == status and err.splitlines()[-1].startswith(words), err
+        assert not list(out.glob("*.tmp")) and len(manifest_of(out)["shards"]) == 2
+    prepare_fineweb.main(argv + ["--workers", "1"])
+    assert "resuming: 2 finished shards kept" in capsys.readouterr().out
+    check_shards(out, "d", 1000, real_docs())
+
+
+def test_prepare_knows_an_input_however_it_is_spelled(tmp_path, monkeypatch, capsys):
+    """data/x.jsonl, ./data/x.jsonl and the absolute path are one input: an unfinished dataset
+    resumes (also from a manifest of an older version, which recorded the path as spelled)."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "x.jsonl", real_docs())
+    monkeypatch.chdir(tmp_path)
+    argv = lambda src: ["--input", src, "--out_dir", "out", "--shard_size", "1200",
+                        "--workers", "1"]
+    with monkeypatch.context() as m:
+        crash_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_fineweb.main(argv("data/x.jsonl"))
+    manifest = manifest_of("out")
+    manifest["settings"]["source"]["inputs"][0]["path"] = "data/x.jsonl"
+    Path("out/manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    prepare_fineweb.main(argv("./data/x.jsonl"))
+    assert "resuming: 3 finished shards kept" in capsys.readouterr().out
+    prepare_fineweb.main(argv(str(tmp_path / "data" / "x.jsonl")))
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_tiny_shards_do_not_rewrite_the_manifest_per_shard(tmp_path, monkeypatch):
+    calls, write = [], prepare_fineweb.write_manifest
+    monkeypatch.setattr(prepare_fineweb, "write_manifest",
+                        lambda *a, **k: calls.append(a[2][:]) or write(*a, **k))
+    src = write_jsonl(tmp_path / "d.jsonl", ["a few words of text"] * 40)
+    paths = prepare_fineweb.main(["--input", str(src), "--out_dir", str(tmp_path / "out"),
+                                  "--shard_size", "1", "--workers", "1"])
+    assert len(paths) > 200 and len(calls) < 20  # once per shard before
+    assert len(check_dataset(str(tmp_path / "out"), 50257)["train"]) == len(paths) - 1
+
+
+def test_a_parquet_of_numbers_and_a_blank_txt_are_refused(tmp_path):
+    out = ["--out_dir", str(tmp_path / "out"), "--workers", "1"]
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    msg = run_main_error(["--input", str(tmp_path / "ints.parquet")] + out)
+    assert "ints.parquet: its 'text' column holds int64, not strings" in msg
+    (tmp_path / "blank.txt").write_text("  \n\t\n\n")  # as a .jsonl of blank lines
+    msg = run_main_error(["--input", str(tmp_path / "blank.txt")] + out)
+    assert "blank.txt: no documents" in msg and not (tmp_path / "out").exists()
+
+
 # ====================================================================== kernel.py
 
 # ---- the fast PyTorch path (fast_inf_ffn) and its selection ops
@@ -2549,6 +2769,41 @@ def test_hub_name_offline_or_without_huggingface_hub_is_a_one_line_error(tmp_pat
         from_pretrained("gpt2-medium")
 
 
+@pytest.mark.parametrize("lie, file, words", [
+    ("n_layer", "model.safetensors", "holds 2 layers; "),
+    ("n_embd", "model.safetensors", "transformer.wte.weight is (50257, 32), but"),
+    ("no_key", "config.json", "no n_head, which a GPT-2 config.json has"),
+    ("not_json", "config.json", "cannot read it as JSON"),
+    ("truncated", "model.safetensors", "cannot read it (SafetensorError"),
+])
+def test_a_hugging_face_directory_that_lies_is_one_line(hf_gpt2, tmp_path, no_model, lie, file,
+                                                         words):
+    """config.json against the tensors, a key missing, invalid JSON, truncated weights: one line
+    naming the file, before out_dir or its lock exists."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_gpt2[1], src)
+    config = json.loads((src / "config.json").read_text())
+    weights = src / "model.safetensors"
+    if lie == "n_layer":
+        config["n_layer"] = 3
+    elif lie == "n_embd":
+        config["n_embd"] = 64
+    elif lie == "no_key":
+        del config["n_head"]
+    elif lie == "truncated":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    (src / "config.json").write_text("{not json" if lie == "not_json" else json.dumps(config))
+    out = tmp_path / "out"
+    for call in (lambda: train.main([f"--init_from={src}", f"--out_dir={out}", "--max_iters=1"]),
+                 lambda: train.main([f"--init_from={src}", f"--out_dir={out}", "--eval_only"]),
+                 lambda: sample.main([f"--init_from={src}"])):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert (str(src / file) in str(err.value) and words in str(err.value)
+                and "\n" not in str(err.value)), str(err.value)
+    assert not out.exists()
+
+
 # ====================================================================== bench.py
 
 def test_compile_check_every_kernel_on_every_arch(tmp_path):
@@ -2652,6 +2907,27 @@ def test_compare_plots_seed_means_by_step_and_checks_whose_checkpoint(tmp_path, 
     with pytest.raises(UsageError) as err:
         compare.summarise(str(tmp_path))
     assert str(tmp_path / "inf-s1337" / "ckpt.pt") in str(err.value) and "dense" in str(err.value)
+
+
+def test_compare_reads_what_it_can_and_names_what_it_cannot(tmp_path, capsys):
+    """A finished log without ckpt.pt is not a finished run; one without training records has no
+    tokens/s; a damaged ckpt.pt is one line naming it."""
+    fake_compare_run(tmp_path, "dense-s1337", "dense", 1337, [(0, 11.0), (200, 6.4)])
+    fake_compare_run(tmp_path, "dense-s1338", "dense", 1338, [(0, 11.0), (200, 6.5)])
+    log = tmp_path / "dense-s1338" / "log.jsonl"
+    log.write_text("".join(line for line in log.read_text().splitlines(keepends=True)
+                           if "val_loss" in line))
+    fake_compare_run(tmp_path, "switch-s1337", "switch", 1337, [(0, 11.0), (200, 6.6)])
+    (tmp_path / "switch-s1337" / "ckpt.pt").unlink()
+    rows = compare.summarise(str(tmp_path))
+    assert list(rows) == ["dense"] and rows["dense"]["tok_s"] == [1.0, None]
+    assert compare.table(rows).splitlines()[2].split(" | ")[5] == "1"
+    fake_compare_run(tmp_path, "top2-s1337", "top2", 1337, [(0, 11.0), (200, 6.6)])
+    (tmp_path / "top2-s1337" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        prepare_fineweb.run_main(lambda: compare.main(["--runs_dir", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and str(tmp_path / "top2-s1337") in err
 
 
 # ====================================================================== README.md
