@@ -592,9 +592,10 @@ def prepare_out_dir(cfg, ckpt):
     there = [path for path in runs_files if os.path.exists(path)]
     if ckpt is None and there and not cfg.overwrite:
         resume = "continue that run with --init_from=resume, " if ckpt_path in there else ""
-        raise UsageError(f"{', '.join(there)} already exist{'s' * (len(there) == 1)}: {resume}"
-                         f"start over with --overwrite (deletes {'them' if len(there) > 1 else 'it'}"
-                         f"), or choose another --out_dir")
+        one = len(there) == 1
+        raise UsageError(f"{', '.join(there)} already exist{'s' * one}: {resume}start over with "
+                         f"--overwrite (deletes {'it' if one else 'them'}), or choose another "
+                         f"--out_dir")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         lock = lock_out_dir(cfg.out_dir)

@@ -465,16 +465,15 @@ def lock_out_dir(out_dir):
     """Hold out_dir/.lock while this run writes there (filelock: flock on POSIX, LockFileEx on
     Windows): a second run into out_dir is refused, and the lock ends with the process, however it
     ends. Returns the held lock."""
-    lock = filelock.FileLock(os.path.join(out_dir, LOCK), timeout=0, fallback_to_soft=False)
+    lock = filelock.FileLock(os.path.join(out_dir, LOCK), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
         raise DataError(f"--out_dir {out_dir} is in use by another run (it holds "
                         f"{lock.lock_file}): wait for it to end, or choose another --out_dir"
                         ) from None
-    except OSError as e:
-        raise DataError(f"--out_dir {out_dir}: cannot lock {lock.lock_file}: {e.strerror}"
-                        ) from None
+    except (OSError, NotImplementedError) as e:  # a file system without locks
+        raise DataError(f"--out_dir {out_dir}: cannot lock {lock.lock_file}: {e}") from None
     return lock
 
 def plan(out_dir, settings):
