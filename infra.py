@@ -574,7 +574,7 @@ def keyed_normal(seed, ids, T, layer, K, d):
     5.8). Elementwise int64 ops, no host sync; the largest tensor holds as many bytes as eps.
     """
     dev = ids.device
-    h = torch.tensor([0x2545F491, 0x9E3779B9], device=dev)  # the lanes' own starting words
+    h = 0x2545F491 + (0x9E3779B9 - 0x2545F491) * torch.arange(2, device=dev)  # lanes' first words
     for word in (seed & MASK32, (seed >> 32) & MASK32, layer):
         h = mix32(h ^ word)
     h = mix32(mix32(h[:, None] ^ (ids & MASK32)) ^ ((ids >> 32) & MASK32))      # (2, B)

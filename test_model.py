@@ -2280,13 +2280,16 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
         total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
         assert r["correct"] == (total.argmax(1) == labels).sum().item()
         assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
-        # sampled or not, the same whatever the batching and however the ranks split them
-        assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1,
-                              progress=False) == r
-        parts = [hellaswag_eval(net, examples, "cpu", nullcontext(), progress=False, rank=k,
-                                world=4) for k in range(4)]
-        assert [sum(p[c] for p in parts) for c in ("correct", "correct_norm", "n")] == [
-            r["correct"], r["correct_norm"], 6]
+    # sampled, the same whatever the batching and however the ranks split the examples
+    net.set_sampling(z_samples=4, z_deterministic=False)
+    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=8,
+                          progress=False) == hellaswag_eval(net, examples, "cpu", nullcontext(),
+                                                            batch_examples=2, progress=False)
+    parts = [hellaswag_eval(net, examples, "cpu", nullcontext(), progress=False, rank=k, world=2)
+             for k in range(2)]
+    whole = hellaswag_eval(net, examples, "cpu", nullcontext(), progress=False)
+    assert [sum(p[c] for p in parts) for c in ("correct", "correct_norm", "n")] == [
+        whole["correct"], whole["correct_norm"], 6]
 
 
 def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
@@ -2366,18 +2369,20 @@ def test_harness_loglikelihoods_equal_score_endings(tmp_path, monkeypatch):
     tasks = ["hellaswag_local", "tiny_mc"]
     out = harness(zeroshot.HarnessLM(model=net, batch_size=5), tasks, ["data/lm_eval", tmp_path])
     enc = get_tokenizer()
-    for task in tasks:
-        for s in out["samples"][task]:
-            ctx = [enc.encode_ordinary(c) for c, _ in s["arguments"]]
-            cont = [enc.encode_ordinary(d) for _, d in s["arguments"]]
-            rows = [(c + d)[-17:] for c, d in zip(ctx, cont)]
-            T = max(map(len, rows))
-            tokens = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
-            mask = torch.tensor([[0] * (len(r) - len(d)) + [1] * len(d) + [0] * (T - len(r))
-                                 for r, d in zip(rows, cont)])
-            ids = torch.full((len(rows),), zeroshot.noise_key(task, s["doc_id"], 0))
-            total, _ = score_endings(net, tokens, mask, nullcontext(), ids)
-            np.testing.assert_allclose([r[0][0] for r in s["resps"]], total, rtol=0, atol=1e-5)
+    for task in tasks:  # every request of the task in one batch of our own
+        samples = out["samples"][task]
+        pairs = [(enc.encode_ordinary(c), enc.encode_ordinary(d))
+                 for s in samples for c, d in s["arguments"]]
+        rows = [(c + d)[-17:] for c, d in pairs]
+        T = max(map(len, rows))
+        tokens = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[0] * (len(r) - len(d)) + [1] * len(d) + [0] * (T - len(r))
+                             for r, (_, d) in zip(rows, pairs)])
+        ids = torch.tensor([zeroshot.noise_key(task, s["doc_id"], 0)
+                            for s in samples for _ in s["arguments"]])
+        total, _ = score_endings(net, tokens, mask, nullcontext(), ids)
+        harness_ll = [r[0][0] for s in samples for r in s["resps"]]
+        np.testing.assert_allclose(harness_ll, total, rtol=0, atol=1e-5)
     # the harness's prompt: the activity label, then ctx_a and ctx_b capitalised
     assert out["samples"]["hellaswag_local"][0]["arguments"][0] == (
         "Making tea: A woman fills a kettle with water. She",
