@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import os
 import re
 import textwrap
@@ -647,6 +648,49 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# Evaluation's ∞-MoE noise comes from a counter-based generator: every number is a hash of its
+# own key, so it owes nothing to what ran before, to the batch a row sits in or to the process.
+MASK32 = 0xFFFFFFFF
+
+
+def mul32(x, c):
+    """x * c mod 2^32 for 0 <= x < 2^32, with c split at 16 bits so that int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x):
+    """lowbias32 (C. Wellons, github.com/skeeto/hash-prospector): a bijection of 32-bit words in
+    which each input bit flips each output bit with probability close to 1/2."""
+    x = x ^ (x >> 16)
+    x = mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_normal(seed, ids, T, layer, K, d):
+    """N(0, 1) noise (K, B, T, d) whose entry [k, b, t, i] is a function of (seed, ids[b], t,
+    layer, k, i) alone; ids: (B,) int64, on the device the noise is made on.
+
+    Two 32-bit lanes (a 64-bit state, so two tokens of a run never share a draw) fold in the key
+    one word at a time, h = mix32(h ^ word). Coordinates 2j and 2j + 1 come from the pair (lane 1,
+    lane 2) hashed with j, two 24-bit uniforms that Box-Muller turns into two normals (|eps| <=
+    5.8). Elementwise int64 ops, no host sync; the largest tensor holds as many bytes as eps.
+    """
+    dev = ids.device
+    h = 0x2545F491 + (0x9E3779B9 - 0x2545F491) * torch.arange(2, device=dev)  # lanes' first words
+    for word in (seed & MASK32, (seed >> 32) & MASK32, layer):
+        h = mix32(h ^ word)
+    h = mix32(mix32(h[:, None] ^ (ids & MASK32)) ^ ((ids >> 32) & MASK32))      # (2, B)
+    h = mix32(h[..., None] ^ torch.arange(T, device=dev))                       # (2, B, T)
+    h = mix32(h[:, None] ^ torch.arange(K, device=dev)[:, None, None])          # (2, K, B, T)
+    j = torch.arange((d + 1) // 2, device=dev)
+    u1 = ((mix32(h[0, ..., None] ^ j) >> 8) + 1).float() * 2.0 ** -24           # (0, 1]
+    u2 = (mix32(h[1, ..., None] ^ j) >> 8).float() * 2.0 ** -24                 # [0, 1)
+    r, angle = torch.sqrt(-2 * torch.log(u1)), 2 * math.pi * u2
+    return torch.stack((r * torch.cos(angle), r * torch.sin(angle)), -1).flatten(-2)[..., :d]
 
 
 class Logger:

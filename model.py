@@ -464,9 +464,10 @@ class Block(nn.Module):
         self.mlp = ffn(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, eps=None):
         x = x + self.attn(self.ln_1(x))
-        return x + self.dropout(self.mlp(self.ln_2(x)))
+        h = self.ln_2(x)
+        return x + self.dropout(self.mlp(h) if eps is None else self.mlp(h, eps))
 
 
 class GPT(nn.Module):
@@ -482,6 +483,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.aux_loss = None  # the last forward's summed FFN aux losses (switch/top2), detached
+        self.eval_seed = 0    # key of evaluation's ∞-MoE noise (set_sampling; train.py: --seed)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections
@@ -497,16 +499,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, seq_ids=None):
         """Returns (logits, loss). With targets, loss = cross-entropy (+ the FFNs' aux losses, if
-        any) and logits cover every position; without, logits of the last position only."""
+        any) and logits cover every position; without, logits of the last position only.
+        seq_ids (B,) int64, evaluation's: ids of the rows, which key the ∞-MoE noise (eval_noise);
+        None: the noise comes from torch's RNG, as in training."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if seq_ids is not None and seq_ids.shape != (B,):
+            raise ValueError(f"seq_ids has shape {tuple(seq_ids.shape)}; expected ({B},)")
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, self.eval_noise(layer, seq_ids, T))
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
@@ -521,15 +527,30 @@ class GPT(nn.Module):
             loss = loss + aux
         return logits, loss
 
+    def eval_noise(self, layer, seq_ids, T):
+        """One layer's ∞-MoE noise at evaluation, (K, B, T, d_z): eps[k, b, t] a hash of
+        (eval_seed, seq_ids[b], t, layer, k) (infra.keyed_normal), so a row's score depends neither
+        on the rows batched with it, nor on its padding, nor on what ran before. None (the layer
+        draws its own) without seq_ids, for z = mu and in the other FFNs."""
+        c, ffn = self.config, self.transformer.h[layer].mlp
+        if seq_ids is None or c.z_deterministic or not isinstance(ffn, InfMoE):
+            return None
+        from infra import keyed_normal  # here, not at the top: infra.py imports this file
+        return keyed_normal(self.eval_seed, seq_ids, T, layer, c.z_samples, c.d_z)
+
     def after_step(self):
         """Call after each optimizer.step(): FFN state set outside the gradient (balance=bias)."""
         for block in self.transformer.h:
             if hasattr(block.mlp, "after_step"):
                 block.mlp.after_step()
 
-    def set_sampling(self, z_samples=None, z_deterministic=None, moe_top_k=None):
-        """Inference knobs: ∞-MoE's K samples of z or z = mu; switch/top2's experts per token.
-        Every layer reads the shared config, so this takes effect at the next forward."""
+    def set_sampling(self, z_samples=None, z_deterministic=None, moe_top_k=None,
+                     eval_seed=None):
+        """Inference knobs: ∞-MoE's K samples of z or z = mu, and the seed of its noise at
+        evaluation (forward's seq_ids); switch/top2's experts per token. Every layer reads the
+        shared config, so this takes effect at the next forward."""
+        if eval_seed is not None:
+            self.eval_seed = int(eval_seed)
         if moe_top_k is not None:
             if not 0 <= moe_top_k <= self.config.n_expert:
                 raise ValueError(f"moe_top_k={moe_top_k}: must be between 0 (default) and n_expert")

@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-# tests only: a small random GPT-2 to compare with
+# tests only: a small random GPT-2 to compare with; the harness zeroshot.py plugs into
+import lm_eval
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import bench
@@ -40,6 +41,7 @@ from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
 from model import GPT, GPTConfig, expected_mask_value, inf_ffn
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths, write_shard)
+import zeroshot
 from zeroshot import collate, hellaswag_eval, render_example, score_endings
 
 FFNS = list(model_py.FFNS)
@@ -473,6 +475,33 @@ def test_routing_stats_entropy_against_hand_computation():
     assert abs(layer.stats["sigma"].item() - sigma.mean().item()) < 1e-6
 
 
+@pytest.mark.parametrize("ffn, kw", [("inf", {}), ("inf", {"router_mix": 2}), ("inf_deep", {})])
+def test_evaluation_noise_follows_the_row_not_the_batch(ffn, kw):
+    """With seq_ids a row's logits are the same alone, in any batch and padded to any length (its
+    noise is keyed by its id and positions), the RNG is untouched, and eval_seed changes them."""
+    model = tiny_model(ffn, **kw).eval()
+    model.set_sampling(z_samples=3, eval_seed=11)
+    idx, ids = torch.randint(0, 97, (3, 12)), torch.tensor([7, -2, 2 ** 50])
+    rng = torch.get_rng_state()
+    batched = model(idx, idx, seq_ids=ids)[0]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for b in range(3):
+        alone = model(idx[b:b + 1, :9], idx[b:b + 1, :9], seq_ids=ids[b:b + 1])[0]
+        torch.testing.assert_close(alone[0], batched[b, :9], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(idx[[2, 0]], idx[[2, 0]], seq_ids=ids[[2, 0]])[0],
+                               batched[[2, 0]], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(idx, idx, seq_ids=ids + 1)[0], batched, atol=1e-3)
+    model.set_sampling(eval_seed=12)
+    assert not torch.allclose(model(idx, idx, seq_ids=ids)[0], batched, atol=1e-3)
+    # the noise a layer is handed is the keyed normal, K samples of d_z
+    eps = model.eval_noise(1, ids, 12)
+    assert torch.equal(eps, infra.keyed_normal(12, ids, 12, 1, 3, 8))
+    model.set_sampling(z_deterministic=True)  # z = mu: no noise to key
+    assert model.eval_noise(1, ids, 12) is None
+    with pytest.raises(ValueError, match=r"seq_ids has shape \(2,\); expected \(3,\)"):
+        model(idx, seq_ids=ids[:2])
+
+
 # ---- the ∞-MoE equations (inf_ffn)
 
 def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
@@ -878,6 +907,19 @@ def test_eval_only_with_k_and_deterministic(shards, tmp_path):
         train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", "--n_embd=64"))
 
 
+def test_val_loss_does_not_depend_on_the_batch_size(shards, tmp_path):
+    """∞-MoE's sampled val loss over the same 8 sequences: 8 batches of 1 = 1 batch of 8 (each
+    sequence's noise keyed by where it starts); another --seed is another draw."""
+    out = tmp_path / "out"
+    trained(shards, out)
+    val = lambda *a: train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                                         "--z_samples=3", *a))["val_loss"]
+    one, eight = val("--batch_size=1", "--eval_iters=8"), val("--batch_size=8", "--eval_iters=1")
+    assert abs(one - eight) < 1e-6 * one, (one, eight)
+    assert abs(val("--batch_size=8", "--eval_iters=1", "--seed=5") - eight) > 1e-4
+    assert read_log(out, "eval.jsonl")[-1]["seed"] == 5
+
+
 @pytest.mark.parametrize("damage, message", [("truncate", "truncated"), ("magic", "magic")])
 def test_bad_shard_names_the_file(shards, tmp_path, damage, message):
     bad = shards / "syn_train_000001.bin"
@@ -927,9 +969,9 @@ def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, caps
     clock = [0.0]
     forward, evaluate = GPT.forward, train.evaluate
 
-    def timed_forward(self, idx, targets=None):
+    def timed_forward(self, idx, targets=None, **kw):
         clock[0] += self.training
-        return forward(self, idx, targets)
+        return forward(self, idx, targets, **kw)
 
     def timed_evaluate(*args):
         clock[0] += 100
@@ -952,8 +994,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
     train.main(tiny_run(shards, out, "--max_iters=2", "--eval_interval=2"))
     forward, calls = GPT.forward, [0]
 
-    def poisoned(self, idx, targets=None):  # the 4th training forward returns a NaN loss
-        logits, loss = forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kw):  # the 4th training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets, **kw)
         calls[0] += self.training
         return logits, (loss * float("nan") if calls[0] == 4 and self.training else loss)
 
@@ -967,8 +1009,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, mon
 
 def test_nan_before_the_first_checkpoint_says_there_is_none(shards, tmp_path, monkeypatch):
     forward = GPT.forward
-    def poisoned(self, idx, targets=None):  # every training forward returns a NaN loss
-        logits, loss = forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kw):  # every training forward returns a NaN loss
+        logits, loss = forward(self, idx, targets, **kw)
         return logits, loss * float("nan") if self.training else loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
@@ -1016,6 +1058,9 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
         (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps=0"),
         (["--max_iters=-1"], "--max_iters=-1"),
         (["--hellaswag_limit=-1"], "--hellaswag_limit=-1"),
+        (["--lm_eval_limit=-1"], "--lm_eval_limit=-1"),
+        (["--lm_eval=piqa"], "--lm_eval=piqa runs the harness on a trained model: add --eval_only"),
+        (["--lm_eval_include=data/lm_eval"], "go with --lm_eval=TASKS"),
         (["--learning_rate=nan"], "--learning_rate=nan"),
         (["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
         (["--device=cuda"], "--device=cuda: no CUDA device"),
@@ -2496,7 +2541,7 @@ class Bigram(nn.Module):
         self.config = SimpleNamespace(block_size=block_size)
         self.rows = rows
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, seq_ids=None):
         logits = torch.full((*idx.shape, V), -math.log(V))
         for cur, nxt in self.rows.items():
             row = torch.full((V,), math.log((1 - sum(nxt.values())) / (V - len(nxt))))
@@ -2591,9 +2636,9 @@ def test_truncation_to_block_size():
 
 
 def test_inf_sampling_knobs(tmp_path, monkeypatch):
-    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu), and
-    the counts equal a by-hand scoring of the same forward: argmax of summed / mean
-    log-likelihood."""
+    """set_sampling reaches every ∞-MoE layer inside hellaswag_eval (K samples of z, or z = mu);
+    the counts equal a by-hand scoring of one forward (argmax of summed / mean log-likelihood,
+    the noise keyed by the example's index) and do not depend on the batching or the ranks."""
     path = tmp_path / "hs.jsonl"
     write_fixture(path)
     examples = load_hellaswag(str(path))
@@ -2609,17 +2654,24 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
         r = hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=8, progress=False)
         assert torch.equal(torch.get_rng_state(), rng)  # its own RNG stream
         assert seen_K == [1 if deterministic else K] * 2  # one forward, both layers
-        torch.set_rng_state(rng)  # the same noise again, scored by hand
         tokens, mask, labels = collate([render_example(ex, enc, 64) for ex in examples])
-        logp = torch.log_softmax(net(tokens, tokens)[0][:, :-1], -1).gather(
+        ids = torch.arange(6).repeat_interleave(4)  # an example's endings share its noise
+        logp = torch.log_softmax(net(tokens, tokens, seq_ids=ids)[0][:, :-1], -1).gather(
             -1, tokens[:, 1:, None])[..., 0]
         m = mask[:, 1:]
         total, mean = (logp * m).sum(1).view(6, 4), ((logp * m).sum(1) / m.sum(1)).view(6, 4)
         assert r["correct"] == (total.argmax(1) == labels).sum().item()
         assert r["correct_norm"] == (mean.argmax(1) == labels).sum().item() and r["n"] == 6
-    # z = mu: reproducible, whatever the batching
-    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=1,
-                          progress=False) == r
+    # sampled, the same whatever the batching and however the ranks split the examples
+    net.set_sampling(z_samples=4, z_deterministic=False)
+    assert hellaswag_eval(net, examples, "cpu", nullcontext(), batch_examples=8,
+                          progress=False) == hellaswag_eval(net, examples, "cpu", nullcontext(),
+                                                            batch_examples=2, progress=False)
+    parts = [hellaswag_eval(net, examples, "cpu", nullcontext(), progress=False, rank=k, world=2)
+             for k in range(2)]
+    whole = hellaswag_eval(net, examples, "cpu", nullcontext(), progress=False)
+    assert [sum(p[c] for p in parts) for c in ("correct", "correct_norm", "n")] == [
+        whole["correct"], whole["correct_norm"], 6]
 
 
 def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
@@ -2638,6 +2690,186 @@ def test_train_eval_only_scores_hellaswag(shards, tmp_path, capsys):
     with pytest.raises(UsageError, match="prepare_fineweb.py --hellaswag"):
         run("--init_from=resume", "--eval_only", "--hellaswag",
             f"--hellaswag_path={tmp_path / 'none.jsonl'}")
+
+
+# ---- lm-evaluation-harness (HarnessLM)
+
+LOCAL_TASKS = ["tiny_mc", "tiny_lastword", "tiny_rolling", "tiny_gen"]  # data/lm_eval/*.yaml
+HS_TINY = REPO / "data" / "lm_eval" / "hellaswag_tiny.jsonl"
+
+
+def harness(lm, tasks, paths=("data/lm_eval",)):
+    """The harness's simple_evaluate of lm on local tasks, samples kept. Call from the repository
+    root: the tasks' data_files are relative to it."""
+    manager = zeroshot.task_manager(tasks, [str(p) for p in paths])
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True)
+
+
+def test_harness_metrics_worked_by_hand(monkeypatch):
+    """The harness on the bigram of the HellaSwag tests, whose log-likelihoods are known: each
+    metric of the four local tasks (one per request type) equals its hand computation. With
+    block_size 4 the requests are cut on the left and a text spans several rolling windows; a
+    bigram reads only the previous token, so neither may change a score."""
+    monkeypatch.chdir(REPO)
+    model = hand_model()
+    model.config.block_size = 4
+    out = harness(zeroshot.HarnessLM(model=model, batch_size=3), LOCAL_TASKS)
+    r = out["results"]
+    # tiny_mc: after ".", " dog" log .3 = -1.20, " cat cat cat" 3 log .5 = -2.08, " fish" and
+    # " bird" log .05 = -3.00; labels 1, 1, 0, 2. acc (highest sum: dog) is right once, 1/4; the
+    # harness's acc_norm divides by the choice's characters, dog -1.20/3 = -0.40, cat cat cat
+    # -2.08/11 = -0.19, fish -3.00/4 = -0.75: it picks "cat cat cat", right twice, 2/4
+    assert r["tiny_mc"]["acc,none"] == 0.25 and r["tiny_mc"]["acc_norm,none"] == 0.5
+    lls = [[resp[0][0] for resp in s["resps"]] for s in out["samples"]["tiny_mc"]]
+    want = [math.log(0.3), 3 * math.log(0.5), math.log(0.05), math.log(0.05)]
+    np.testing.assert_allclose(lls, [want] * 4, atol=1e-3)
+    # tiny_lastword: " cat" after "." is the greedy token (p .5), " dog" is not (p .3)
+    assert r["tiny_lastword"]["acc,none"] == 0.5
+    assert abs(r["tiny_lastword"]["perplexity,none"] - (0.5 * 0.3) ** -0.5) < 1e-3
+    # tiny_rolling: ". cat cat" is "." after EOT (1/V) and " cat" twice (p .5); "a b ... h" is 8
+    # tokens of 1/V each. Word perplexity and bits per byte pool the documents' sums.
+    texts = [". cat cat", "a b c d e f g h"]
+    ll = -9 * math.log(V) + 2 * math.log(0.5)
+    words, nbytes = sum(len(t.split()) for t in texts), sum(len(t.encode()) for t in texts)
+    assert len(get_tokenizer().encode_ordinary(texts[1])) == 8
+    assert abs(math.log(r["tiny_rolling"]["word_perplexity,none"]) + ll / words) < 1e-4
+    assert abs(r["tiny_rolling"]["bits_per_byte,none"] + ll / nbytes / math.log(2)) < 1e-4
+    # tiny_gen: the 3 greedy tokens after "." are " cat cat cat": the answer of the first of two
+    assert [s["resps"][0][0] for s in out["samples"]["tiny_gen"]] == [" cat cat cat"] * 2
+    assert r["tiny_gen"]["exact_match,none"] == 0.5
+
+
+def test_harness_loglikelihoods_equal_score_endings(tmp_path, monkeypatch):
+    """On a sampled ∞-MoE, the log-likelihoods of the harness's requests (through _encode_pair,
+    the cut to block_size + 1 tokens, sorting and batching) equal score_endings' on the same
+    tokens and noise keys: the harness's own HellaSwag, run offline on the small file in the
+    official format, and tiny_mc."""
+    monkeypatch.chdir(REPO)
+    net = tiny_model("inf", vocab_size=V, block_size=16)  # HellaSwag's rows are cut on the left
+    net.set_sampling(z_samples=2, eval_seed=3)
+    zeroshot.write_hellaswag_local(tmp_path, HS_TINY)
+    tasks = ["hellaswag_local", "tiny_mc"]
+    out = harness(zeroshot.HarnessLM(model=net, batch_size=5), tasks, ["data/lm_eval", tmp_path])
+    enc = get_tokenizer()
+    for task in tasks:  # every request of the task in one batch of our own
+        samples = out["samples"][task]
+        pairs = [(enc.encode_ordinary(c), enc.encode_ordinary(d))
+                 for s in samples for c, d in s["arguments"]]
+        rows = [(c + d)[-17:] for c, d in pairs]
+        T = max(map(len, rows))
+        tokens = torch.tensor([r + [EOT] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[0] * (len(r) - len(d)) + [1] * len(d) + [0] * (T - len(r))
+                             for r, (_, d) in zip(rows, pairs)])
+        ids = torch.tensor([zeroshot.noise_key(task, s["doc_id"], 0)
+                            for s in samples for _ in s["arguments"]])
+        total, _ = score_endings(net, tokens, mask, nullcontext(), ids)
+        harness_ll = [r[0][0] for s in samples for r in s["resps"]]
+        np.testing.assert_allclose(harness_ll, total, rtol=0, atol=1e-5)
+    # the harness's prompt: the activity label, then ctx_a and ctx_b capitalised
+    assert out["samples"]["hellaswag_local"][0]["arguments"][0] == (
+        "Making tea: A woman fills a kettle with water. She",
+        " puts the kettle on the stove and waits for it to boil.")
+    assert out["n-samples"]["hellaswag_local"]["effective"] == len(load_hellaswag(str(HS_TINY)))
+
+
+def test_harness_api_and_command_line_build_our_model(shards, tmp_path, monkeypatch, capsys):
+    """The model registered as "infmoe": by name through the harness's Python API and its command
+    line (python zeroshot.py), model_args read back with our types ("inf" is a float to the
+    harness), its batch_size, max_batch_size and device (the CLI's default cuda:0 on a machine
+    without CUDA: a warning, then the CPU); a shape flag that differs is a one-line error."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    train.main([x for x in tiny_run(shards, out, "--ffn=inf", "--max_iters=2", "--eval_interval=2")
+                if not x.startswith("--vocab_size")])
+    args = f"init_from={out},z_samples=3,z_deterministic=false,ffn=inf,seed=4"
+    manager = zeroshot.task_manager(["tiny_mc"], ["data/lm_eval"])
+    cuda = pytest.warns(UserWarning, match="no CUDA here") if not torch.cuda.is_available() else (
+        nullcontext())
+    with cuda:
+        r = lm_eval.simple_evaluate(model="infmoe", model_args=args, tasks=["tiny_mc"],
+                                    task_manager=manager, batch_size="auto", max_batch_size=2,
+                                    device="cuda:0")
+    lm = zeroshot.HarnessLM.build  # the same arguments, built alone
+    model, _, _ = lm(dict(init_from=str(out), z_samples=3, ffn=float("inf"), seed=4), "cpu")
+    assert (model.config.z_samples, model.config.ffn, model.eval_seed) == (3, "inf", 4)
+    assert r["config"]["batch_size"] == "auto" and 0 <= r["results"]["tiny_mc"]["acc,none"] <= 1
+    with pytest.raises(UsageError, match="n_layer=3 differs"):
+        lm(dict(init_from=str(out), n_layer=3), "cpu")
+    # the command line: the harness would index its 14,000 built-in tasks first (~10 s); these
+    # local ones are all it needs
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kw: manager)
+    capsys.readouterr()
+    with cuda:
+        zeroshot.main(["--model", "infmoe", "--model_args", args, "--tasks", "tiny_mc",
+                       "--include_path", "data/lm_eval", "--batch_size", "4"])
+    assert "|tiny_mc" in capsys.readouterr().out
+
+
+def test_eval_only_scores_depend_on_neither_batch_size_nor_processes(shards, tmp_path,
+                                                                     monkeypatch, capsys):
+    """`train.py --eval_only --hellaswag --lm_eval=...` of a sampled ∞-MoE: the harness's scores
+    are the same at --batch_size 1 and 16, and torchrun's 2 gloo processes give the val loss,
+    HellaSwag and the harness's scores of 1 process (each rank's share keyed as in the whole);
+    --gradient_accumulation_steps=1, a training setting 2 processes could not split, is no
+    obstacle. One record: the scores, their averages, K; the table printed."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    base = [x for x in tiny_run(shards, out, "--device=cpu") if not x.startswith("--vocab_size")]
+    train.main(base + ["--ffn=inf", "--max_iters=2", "--eval_interval=2"])
+    tasks = ",".join(LOCAL_TASKS + ["hellaswag_local"])
+    score = base + ["--init_from=resume", "--eval_only", "--z_samples=3", "--hellaswag",
+                    f"--hellaswag_path={HS_TINY}", f"--lm_eval={tasks}",
+                    "--lm_eval_include=data/lm_eval", "--gradient_accumulation_steps=1"]
+    one, sixteen = train.main(score + ["--batch_size=1"]), train.main(score + ["--batch_size=16"])
+    printed = capsys.readouterr().out
+    assert "|tiny_rolling" in printed and "average over the 3 tasks with acc: acc " in printed
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "train.py", *score, "--batch_size=16"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = read_log(out, "eval.jsonl")[-1]
+    assert set(one["lm_eval"]) == set(LOCAL_TASKS) | {"hellaswag_local"}
+    for other in (sixteen, two):
+        for task, metrics in one["lm_eval"].items():
+            for name, value in metrics.items():
+                got = other["lm_eval"][task][name]
+                assert (value == got if isinstance(value, str)
+                        else math.isclose(value, got, rel_tol=1e-5)), (task, name, value, got)
+    assert abs(sixteen["val_loss"] - two["val_loss"]) < 1e-6 * two["val_loss"]
+    hs = ["hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"]
+    assert [one[k] for k in hs] == [two[k] for k in hs] and one["hellaswag_n"] == 8
+    acc = [one["lm_eval"][t] for t in ("tiny_mc", "tiny_lastword", "hellaswag_local")]
+    assert one["lm_eval_avg"] == {"acc": sum(m["acc"] for m in acc) / 3, "tasks": 3,
+                                  "acc_norm_else_acc": sum(m.get("acc_norm", m["acc"])
+                                                           for m in acc) / 3}
+    assert one["z_samples"] == 3 and one["lm_eval"]["hellaswag_local"]["n"] == 8
+
+
+def test_lm_eval_bad_options_are_one_line_errors(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    trained(shards, out)
+    # an unknown task is looked for among the harness's 14,000 built-in ones too (~10 s to index
+    # them); here among the local ones only
+    index = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        lambda include_path=None, **kw: index(include_path, include_defaults=False))
+    cases = [(["--lm_eval=tiny_mc", "--lm_eval_include=nowhere"], "nowhere: no such directory"),
+             (["--lm_eval=no_such_task", "--lm_eval_include=data/lm_eval"],
+              "--lm_eval: no task no_such_task in lm-eval"),
+             (["--lm_eval=hellaswag_local", f"--hellaswag_path={tmp_path / 'none.jsonl'}"],
+              "--lm_eval: no HellaSwag data at")]
+    for argv, words in cases:
+        with pytest.raises(UsageError) as err:
+            train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only", *argv))
+        assert words in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
+    monkeypatch.setattr(zeroshot, "TemplateLM", object)  # as without lm-eval installed
+    for call in (lambda: train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                                             "--lm_eval=tiny_mc")),
+                 lambda: zeroshot.HarnessLM(model=tiny_model()), lambda: zeroshot.main([])):
+        with pytest.raises(UsageError, match="pip install lm-eval"):
+            call()
 
 
 # ====================================================================== infra.py
@@ -2802,6 +3034,57 @@ def test_a_hugging_face_directory_that_lies_is_one_line(hf_gpt2, tmp_path, no_mo
         assert (str(src / file) in str(err.value) and words in str(err.value)
                 and "\n" not in str(err.value)), str(err.value)
     assert not out.exists()
+
+
+# ---- evaluation's keyed noise
+
+def lowbias32(x):
+    """C. Wellons' lowbias32 in plain 32-bit integer arithmetic, as its C source states it."""
+    x ^= x >> 16
+    x = x * 0x7FEB352D % 2 ** 32
+    x ^= x >> 15
+    x = x * 0x846CA68B % 2 ** 32
+    return x ^ (x >> 16)
+
+
+def keyed_normal_by_hand(seed, seq_id, t, layer, k, i):
+    """infra.keyed_normal's one entry, from its docstring's recipe, in Python integers and
+    float64: two lanes fold the key's words in turn; coordinate i is the cosine (even i) or sine
+    (odd i) of the Box-Muller pair of 24-bit uniforms hashed from the lanes with j = i // 2."""
+    words = [seed % 2 ** 32, seed >> 32, layer, seq_id % 2 ** 32, (seq_id % 2 ** 64) >> 32, t, k]
+    lanes = []
+    for h in (0x2545F491, 0x9E3779B9):
+        for w in words:
+            h = lowbias32(h ^ w)
+        lanes.append(lowbias32(h ^ (i // 2)) >> 8)
+    u1, u2 = (lanes[0] + 1) / 2 ** 24, lanes[1] / 2 ** 24
+    trig = math.cos if i % 2 == 0 else math.sin
+    return math.sqrt(-2 * math.log(u1)) * trig(2 * math.pi * u2)
+
+
+def test_keyed_normal_is_its_hash_and_a_standard_normal():
+    ids = torch.tensor([0, 3, -5, 2 ** 45 + 1])
+    eps = infra.keyed_normal(2 ** 33 + 7, ids, 5, 3, 2, 7)
+    assert eps.shape == (2, 4, 5, 7) and eps.dtype == torch.float32
+    for k, b, t, i in [(0, 0, 0, 0), (1, 2, 4, 6), (0, 3, 2, 3), (1, 1, 1, 5)]:
+        want = keyed_normal_by_hand(2 ** 33 + 7, ids[b].item(), t, 3, k, i)
+        assert abs(eps[k, b, t, i].item() - want) < 1e-5
+    # an entry is its key's alone: fewer rows, positions, samples or coordinates change nothing
+    assert torch.equal(infra.keyed_normal(2 ** 33 + 7, ids[2:3], 3, 3, 1, 4), eps[:1, 2:3, :3, :4])
+    # 2 x 1000 x 64 x 32 = 4M numbers: the moments and the distribution of N(0, 1); neighbours in
+    # each part of the key (position, row, sample, coordinate, layer, seed) uncorrelated
+    x = infra.keyed_normal(1, torch.arange(1000), 64, 0, 2, 32).double()
+    assert abs(x.mean()) < 3e-3 and abs(x.var() - 1) < 3e-3 and abs((x ** 4).mean() - 3) < 3e-2
+    grid = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    cdf = 0.5 * (1 + torch.erf(grid / math.sqrt(2)))
+    assert ((x.flatten()[:, None] <= grid).double().mean(0) - cdf).abs().max() < 2e-3
+    corr = lambda a, b: ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    pairs = [(x[:, :, 1:], x[:, :, :-1]), (x[:, 1:], x[:, :-1]), (x[1], x[0]),
+             (x[..., 1::2], x[..., ::2]),
+             (x, infra.keyed_normal(1, torch.arange(1000), 64, 1, 2, 32).double()),
+             (x, infra.keyed_normal(2, torch.arange(1000), 64, 0, 2, 32).double())]
+    for a, b in pairs:
+        assert abs(corr(a, b)) < 5e-3
 
 
 # ====================================================================== bench.py

@@ -26,9 +26,10 @@ from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_kernel, ch
                    save_checkpoint, set_rng_state, start_process, starting_point, usage)
 from model import GPT, INFERENCE_KNOBS, GPTConfig
 from model import RANGES as MODEL_RANGES
-from prepare_fineweb import (HELLASWAG_FILE, REPO_DIR, DataError, canonical_path, check_dataset,
-                             load_hellaswag, load_shard, run_main, shard_paths)
-from zeroshot import run_hellaswag
+from prepare_fineweb import (HELLASWAG_FILE, REPO_DIR, DataError, canonical_path,
+                             check_dataset, load_hellaswag, load_shard, run_main, shard_paths)
+from zeroshot import (HELLASWAG_LOCAL, LM_EVAL_MISSING, harness_installed, run_hellaswag,
+                      run_lm_eval)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainConfig:
     hellaswag: bool = False           # also score HellaSwag zero-shot at every evaluation
     hellaswag_limit: int = 0          # 0: all 10,042 examples; else the first N (a quick look)
     hellaswag_path: str = HELLASWAG_FILE  # prepare_fineweb.py --hellaswag's; default: the repo's
+    lm_eval: str = ""                 # --eval_only: lm-evaluation-harness tasks, comma-separated
+    lm_eval_include: str = ""         # a directory of task YAMLs for --lm_eval (local tasks)
+    lm_eval_limit: int = 0            # 0: every example of each --lm_eval task; else the first N
     eval_interval: int = 50           # evaluate (and save ckpt.pt) every this many steps
     eval_iters: int = 10              # validation batches; always the same val tokens
     log_interval: int = 10            # print and log the training loss every this many steps
@@ -72,8 +76,8 @@ class TrainConfig:
 
 # The valid values of each numeric option (model.py holds GPTConfig's).
 RANGES = {
-    "hellaswag_limit": ">= 0", "eval_interval": ">= 1", "eval_iters": ">= 1",
-    "log_interval": ">= 1", "seed": SEED_RANGE, "batch_size": ">= 1",
+    "hellaswag_limit": ">= 0", "lm_eval_limit": ">= 0", "eval_interval": ">= 1",
+    "eval_iters": ">= 1", "log_interval": ">= 1", "seed": SEED_RANGE, "batch_size": ">= 1",
     "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "min_lr": ">= 0",
     "max_iters": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "weight_decay": ">= 0",
     "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": ">= 0",
@@ -111,12 +115,13 @@ def main(argv=None):
         print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')}: settings that differ from the "
               f"checkpoint's: {diff}")
     data_start = check_data(cfg, model_args, ckpt, world, master)
-    if cfg.hellaswag:  # read it now: a missing or malformed file is found before training
+    local = HELLASWAG_LOCAL in cfg.lm_eval.split(",")  # the harness's HellaSwag on our file
+    if cfg.hellaswag or local:  # read it now: a missing or malformed file is found before training
         try:
             if not load_hellaswag(cfg.hellaswag_path, limit=cfg.hellaswag_limit or None):
                 raise DataError(f"{cfg.hellaswag_path}: no HellaSwag examples in it")
         except (FileNotFoundError, DataError) as e:
-            raise UsageError(f"--hellaswag: {e}") from None
+            raise UsageError(f"--{'hellaswag' if cfg.hellaswag else 'lm_eval'}: {e}") from None
     lock = prepare_out_dir(cfg, ckpt) if master and not cfg.eval_only else None
     try:
         return train(cfg, model_args, ckpt, data_start, source)
@@ -142,6 +147,9 @@ def train(cfg, model_args, ckpt, data_start, source=None):
     grad_accum = cfg.gradient_accumulation_steps // proc.world
     torch.manual_seed((cfg.seed + proc.rank) % 2**64)  # ranks draw different ∞-MoE noise
     model = GPT(GPTConfig(**model_args))
+    # evaluation's noise: the same on every rank, and one draw for all of a run's val losses (a
+    # resumed run keeps the seed it started with)
+    model.set_sampling(eval_seed=ckpt["config"]["seed"] if ckpt and not cfg.eval_only else cfg.seed)
     if source is not None:  # GPT-2 or another run's weights (upcycled if dense -> MoE)
         load_pretrained(model, *source)
     model.to(proc.device)
@@ -165,7 +173,7 @@ def train(cfg, model_args, ckpt, data_start, source=None):
     if cfg.eval_only:
         knobs = {k: model_args[k] for k in ("z_samples", "z_deterministic", "moe_top_k")}
         record = evaluation(raw_model, val_loader, cfg, proc, logger, iter_num,
-                            {"eval_only": True, **knobs})
+                            {"eval_only": True, "seed": cfg.seed, **knobs})
         if proc.ddp:
             leave_process_group()
         return record
@@ -263,7 +271,8 @@ def train_step(model, raw_model, optimizer, loader, batch, grad_accum, cfg, proc
 
 
 def evaluation(model, val_loader, cfg, proc, logger, iter_num, extra):
-    """Val loss, and HellaSwag with --hellaswag, at this step: logged, and returned as a record."""
+    """Val loss, HellaSwag with --hellaswag and the harness's tasks with --lm_eval (eval_only) at
+    this step: logged, and returned as a record."""
     record = {"step": iter_num, "val_loss": evaluate(model, val_loader, cfg.eval_iters, proc),
               **extra}
     line = f"step {iter_num}: val loss {record['val_loss']:.4f}"
@@ -271,6 +280,10 @@ def evaluation(model, val_loader, cfg, proc, logger, iter_num, extra):
         record.update(run_hellaswag(model, cfg, proc))
         line += (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm "
                  f"{record['hellaswag_acc_norm']:.4f} ({record['hellaswag_n']} examples)")
+    if cfg.lm_eval:
+        scores, table = run_lm_eval(model, cfg, proc)
+        record.update(scores)
+        line += "\n" + table
     logger.log(record, line)
     return record
 
@@ -425,22 +438,32 @@ class ShardLoader:
     def state(self):
         return {"shard": self.shard, "offset": self.offset}
 
+    def row_ids(self, device="cpu"):
+        """Ids of the B rows next_batch returns next: where each starts in the split, shard * 2^40
+        + its first token's offset. They key evaluation's ∞-MoE noise (GPT.forward's seq_ids)."""
+        start = self.offset + self.rank * self.B * self.T
+        rows = start + self.T * torch.arange(self.B, device=device)
+        return rows + self.shard * 2 ** 40
+
 
 @torch.no_grad()
 def evaluate(model, loader, eval_iters, proc):
     """Mean validation cross-entropy over the val shard's first eval_iters batches, split across
     ranks: the same eval_iters * batch_size * block_size tokens whatever the number of processes.
 
-    Runs in its own RNG stream so evaluating never changes the training run's random numbers.
+    ∞-MoE's noise is keyed by where each sequence starts in the split (ShardLoader.row_ids), so
+    the loss is the same for any batch size and number of processes; it runs in its own RNG stream,
+    so evaluating never changes the training run's random numbers.
     """
     model.eval()
     with torch.random.fork_rng(devices=[proc.device] if proc.device.type == "cuda" else []):
         loader.reset()
         losses = torch.zeros(eval_iters // loader.world, device=proc.device)
         for k in range(len(losses)):
+            ids = loader.row_ids(proc.device)
             x, y = loader.next_batch(proc.device)
             with proc.ctx:
-                logits, _ = model(x, y)
+                logits, _ = model(x, y, seq_ids=ids)
             losses[k] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     model.train()
     return reduce_mean(losses.mean(), proc.ddp).item()
@@ -541,6 +564,7 @@ def configure(argv):
             import wandb  # noqa: F401  (optional dependency)
         except ImportError:
             raise UsageError("--wandb_log needs the wandb package: pip install wandb") from None
+    check_lm_eval(cfg)
     return cfg, model_args, ckpt, changed, source
 
 
@@ -562,6 +586,22 @@ def check_system(cfg, model_args, world):
     if cfg.eval_iters % world:
         raise UsageError(f"--eval_iters={cfg.eval_iters} is not divisible by the {world} processes")
     check_memory(model_args, cfg.batch_size, device, training=not cfg.eval_only)
+
+
+def check_lm_eval(cfg):
+    """--lm_eval scores a trained model once, with lm-eval installed; --lm_eval_include is a
+    directory. The task names are checked by the harness's index, when it runs."""
+    if not cfg.lm_eval:
+        if cfg.lm_eval_include or cfg.lm_eval_limit:
+            raise UsageError("--lm_eval_include and --lm_eval_limit go with --lm_eval=TASKS")
+        return
+    if not cfg.eval_only:
+        raise UsageError(f"--lm_eval={cfg.lm_eval} runs the harness on a trained model: add "
+                         f"--eval_only (during training, --hellaswag scores HellaSwag)")
+    if not harness_installed():
+        raise UsageError(f"--lm_eval {LM_EVAL_MISSING}")
+    if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
+        raise UsageError(f"--lm_eval_include={cfg.lm_eval_include}: no such directory")
 
 
 def check_data(cfg, model_args, ckpt, world, master):
