@@ -6,6 +6,9 @@ results and tie rule, one for every device and one for CUDA:
   triton_inf_ffn  Triton kernels, forward and backward (CUDA; use_kernel=on, or auto after
                   kernel_ok's self-check)
 
+and, for the block mask (mask_block > 1, W_z of d_ff / b rows), block_inf_ffn: PyTorch ops that
+compute only the kept blocks (any device; see its section).
+
 Both compute, for x (N, d) and K samples z (K, N, d_z):
 
     M = (1/K) sum_k mask_k,  mask_k = where(m_k >= thr_k, m_k, 0),  m_k = z_k W_z^T   (fp32)
@@ -373,9 +376,9 @@ def _rows_count():
 @_block_fwd.register_fake
 def _(x, W1, b1, W2, b2, W_z, z, top_frac, gemm):
     R, P, (G, _), (K, N, _) = _rows_count(), _rows_count(), W_z.shape, z.shape
-    f32, i64 = dict(dtype=torch.float32), dict(dtype=torch.int64)
-    return (x.new_empty(N, W2.shape[0]), x.new_empty(G, **f32), x.new_empty((), **f32),
-            x.new_empty(R, W1.shape[0] // G), z.new_empty(R), x.new_empty(R, **i64),
+    dt, i64 = dict(dtype=torch.promote_types(z.dtype, torch.float32)), dict(dtype=torch.int64)
+    return (x.new_empty(N, W2.shape[0]), x.new_empty(G, **dt), x.new_empty((), dtype=torch.float32),
+            x.new_empty(R, W1.shape[0] // G), x.new_empty(R, **dt), x.new_empty(R, **i64),
             x.new_empty(2, P, **i64), x.new_empty(K, N, G, dtype=torch.bool))
 
 
