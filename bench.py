@@ -347,8 +347,9 @@ def block_benchmark(args):
         first = next(iter(layouts.get(b, [None])))
         if ("blocks", b, first, K, r) in t:
             fb = t["blocks", b, first, K, r][1]
-            per_round = sorted(a / c for a, c in zip(rounds["blocks", b, first, K, r],
-                                                     rounds["dense", 4 * d, "", 0, 0]))
+            per_round = sorted(a / c for a, c in zip(rounds["blocks", b, first, K, r][1:],
+                                                     rounds["dense", 4 * d, "", 0, 0][1:]))
+            per_round = per_round or [fb / d4[1]]  # the first round warms up: left out
             print(f"K={K}, r={r:g}%, b={b} ({first}): fwd+bwd {fb / dff[1]:.2f}x dense d_ff, "
                   f"{fb / d4[1]:.2f}x dense 4d (target {goal}; round by round "
                   f"{per_round[0]:.2f}-{per_round[-1]:.2f}x dense 4d)")
