@@ -4,6 +4,7 @@ Measures the ∞-MoE FFN's fast paths (kernel.py), the way nanoGPT's bench.py me
   python bench.py                   # latency and memory against dense FFNs of width d_ff and 4d:
                                     # the PyTorch path on any device, the Triton kernel on CUDA
   python bench.py --quick           # K=2, r=25% only
+  python bench.py --blocks          # the block mask's path (mask_block = b) against the same
   python bench.py --compile-check   # compile every Triton kernel for sm80-sm90, no GPU needed
   python bench.py --params          # parameters of every FFN, and one layer's activation memory
 
@@ -113,11 +114,12 @@ def peak_mib(fn, args, dy):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def times(cases, dy, reps):
+def times(cases, dy, reps, rounds=None):
     """{name: (forward ms, forward+backward ms)} for cases {name: (fn, args)}.
 
     CUDA: triton's do_bench medians. CPU: the best of `reps` rounds, every case run once per round,
-    so that a change in the load of a shared machine hits all cases alike and the ratios hold.
+    so that a change in the load of a shared machine hits all cases alike and the ratios hold;
+    `rounds`, a dict, gets each round's forward+backward ms of every case.
     """
     def step(fn, args, backward):
         if not backward:
@@ -138,6 +140,8 @@ def times(cases, dy, reps):
                 t0 = time.perf_counter()
                 step(fn, args, b)
                 best[name][b] = min(best[name][b], (time.perf_counter() - t0) * 1e3)
+            if rounds is not None:
+                rounds.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
     return {name: tuple(t) for name, t in best.items()}
 
 
@@ -162,12 +166,11 @@ def accuracy(x, ffn, W_z, dy, N, d_z, leaf):
         print(f"{a + ' vs ' + b:<31s}" + errors)
 
 
-def benchmark(args):
+def setup(args):
+    """Both benchmarks' inputs at args' shape, and the header line naming the machine: (cuda,
+    leaf (a maker of random leaf tensors), x, dy, the width-d_ff FFN's weights, N)."""
     cuda = torch.cuda.is_available()
     device, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    rates = [25] if args.quick else args.rates
-    ks = [2] if args.quick else args.ks
-    reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
     N, d, d_ff, d_z = args.tokens or (16384 if cuda else 2048), args.d, args.d_ff, args.d_z
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -176,12 +179,23 @@ def benchmark(args):
 
     x, dy = leaf(N, d, std=1.0), torch.randn(N, d, device=device, generator=gen).to(dt)
     ffn = [leaf(d_ff, d), leaf(d_ff), leaf(d, d_ff), leaf(d)]
-    W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
     kept = not cuda and not args.system_malloc and sys.platform == "linux" and keep_freed_memory()
     machine = (torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads, "
                f"{'freed memory kept (as on CUDA)' if kept else 'system malloc'} "
                "(on a shared machine absolute times are noisy: compare the ratios)")
-    print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}")
+    load = "" if cuda else f", load average {os.getloadavg()[0]:.1f}"
+    print(f"{machine}: tokens={N} d={d} d_ff={d_ff} d_z={d_z} {str(dt).removeprefix('torch.')}"
+          + load)
+    return cuda, leaf, x, dy, ffn, N
+
+
+def benchmark(args):
+    cuda, leaf, x, dy, ffn, N = setup(args)
+    d, d_ff, d_z = args.d, args.d_ff, args.d_z
+    rates = [25] if args.quick else args.rates or [5, 10, 25, 50, 100]
+    ks = [2] if args.quick else args.ks or [1, 2, 4]
+    reps = args.reps or ((50 if args.quick else 200) if cuda else (2 if args.quick else 3))
+    W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
 
     dense = dense_ffn
     paths = {"PyTorch": kernel.fast_inf_ffn}
@@ -264,6 +278,81 @@ def plot(t, paths, ks, rates, N, d, d_ff, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
+
+
+def block_accuracy(x, ffn, W_z, dy, leaf, N, d_z):
+    """K=2, r=25%: the block path's default layout in the benchmark's dtype against padded bmm in
+    fp32, relative errors of y and the seven gradients (on CUDA: bf16 grouped_mm against fp32)."""
+    z = leaf(2, N, d_z, std=1.0, dt=torch.float32)
+    res = []
+    for gemm, dt in (("auto", x.dtype), ("bmm", torch.float32)):
+        ins = [t.detach().to(dt if t.dtype == x.dtype else t.dtype).requires_grad_()
+               for t in (x, *ffn, W_z, z)]
+        y = kernel.block_inf_ffn(*ins, 0.25, gemm=gemm)[0]
+        y.backward(dy.to(dt))
+        res.append([y.detach()] + [t.grad for t in ins])
+    rel = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(*res)]
+    b = len(ffn[0]) // len(W_z)
+    print(f"relative error, b={b} K=2 r=25%, {kernel._gemm(x, 'auto', b)} "
+          f"{str(x.dtype)[6:]} against bmm fp32: " + " ".join(
+              f"{n} {e:.1e}" for n, e in zip(["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"],
+                                             rel)))
+
+
+def block_benchmark(args):
+    """`python bench.py --blocks`: the block path (kernel.block_inf_ffn: mask_block = b, only the
+    kept blocks computed) for each b, K and r, next to dense FFNs of width d_ff and 4d and the
+    unit-level path (fast_inf_ffn): latency, activation memory, and the share of blocks kept
+    (the union of the K masks, which the cost follows)."""
+    cuda, leaf, x, dy, ffn, N = setup(args)
+    d, d_ff, d_z = args.d, args.d_ff, args.d_z
+    ks, rates = args.ks or [1, 2], args.rates or [12.5, 25]
+    sizes = [256] if args.quick else args.block_sizes
+    layouts = {b: {kernel._gemm(x, g, b): g for g in args.gemm} for b in sizes}
+    reps = args.reps or (50 if cuda else 3)
+    cases = {("dense", d_ff, "", 0, 0): (dense_ffn, (x, *ffn)),
+             ("dense", 4 * d, "", 0, 0): (dense_ffn, (x, leaf(4 * d, d), leaf(4 * d),
+                                                      leaf(d, 4 * d), leaf(d)))}
+    W_z = {b: leaf(d_ff // b, d_z, std=d_z ** -0.5, dt=torch.float32) for b in [1] + sizes}
+    for K in ks:
+        z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
+        for r in rates:
+            cases["units", 1, "", K, r] = (kernel.fast_inf_ffn, (x, *ffn, W_z[1], z, r / 100))
+            for b in sizes:
+                for name, gemm in layouts[b].items():  # "auto" under the name it resolves to
+                    cases["blocks", b, name, K, r] = (partial(kernel.block_inf_ffn, gemm=gemm),
+                                                      (x, *ffn, W_z[b], z, r / 100))
+    block_accuracy(x, ffn, W_z[sizes[0]], dy, leaf, N, d_z)
+    rounds = {}
+    t = times(cases, dy, reps, rounds)
+    mem = {name: saved_mib(fn, a, dy) for name, (fn, a) in cases.items()}
+    with torch.no_grad():
+        share = {name: (fn(*a)[2] / (N * a[5].shape[0])).item() for name, (fn, a) in cases.items()
+                 if name[0] != "dense"}
+    dff, d4 = t["dense", d_ff, "", 0, 0], t["dense", 4 * d, "", 0, 0]
+    m_ff, m_4 = mem["dense", d_ff, "", 0, 0], mem["dense", 4 * d, "", 0, 0]
+    print("\n| FFN | b | K | r | blocks kept | fwd ms | fwd+bwd ms | fwd / dense 4d | fwd+bwd / "
+          "dense d_ff | fwd+bwd / dense 4d | saved for backward MiB | / dense d_ff | / dense 4d |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (kind, b, gemm, K, r), (f, fb) in t.items():
+        label = {"dense": f"dense, width {b} | | |", "units": f"∞-MoE, units | 1 | {K} | {r:g}%",
+                 "blocks": f"∞-MoE, blocks ({gemm}) | {b} | {K} | {r:g}%"}[kind]
+        kept = share.get((kind, b, gemm, K, r))
+        m = mem[kind, b, gemm, K, r]
+        print(f"| {label} | {'' if kept is None else f'{kept:.3f}'} | {f:.0f} | {fb:.0f} "
+              f"| {f / d4[0]:.2f} | {fb / dff[1]:.2f} | {fb / d4[1]:.2f} | {m:.1f} | "
+              f"{m / m_ff:.2f} | {m / m_4:.2f} |")
+    for K, r, b, goal in ((2, 25.0, 256, "<= 0.8x dense d_ff, <= 1.2x dense 4d"),
+                          (1, 12.5, 256, "<= 0.8x dense 4d")):
+        first = next(iter(layouts.get(b, [None])))
+        if ("blocks", b, first, K, r) in t:
+            fb = t["blocks", b, first, K, r][1]
+            per_round = sorted(a / c for a, c in zip(rounds["blocks", b, first, K, r][1:],
+                                                     rounds["dense", 4 * d, "", 0, 0][1:]))
+            per_round = per_round or [fb / d4[1]]  # the first round warms up: left out
+            print(f"K={K}, r={r:g}%, b={b} ({first}): fwd+bwd {fb / dff[1]:.2f}x dense d_ff, "
+                  f"{fb / d4[1]:.2f}x dense 4d (target {goal}; round by round "
+                  f"{per_round[0]:.2f}-{per_round[-1]:.2f}x dense 4d)")
 
 
 # ----------------------------------------------------------------------------- GPU compile check
@@ -458,6 +547,29 @@ def integers(lo, hi=None, one=False):
     return parse
 
 
+def percents(text):
+    """An argparse type: comma-separated percentages in (0, 100], whole ones as ints (25 -> 25)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected percentages, 10,25,...") from None
+    for v in values:
+        if not 0 < v <= 100:
+            raise argparse.ArgumentTypeError(f"{v:g} is not in (0, 100]")
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+def choices(*names):
+    """An argparse type: comma-separated names, each one of names."""
+    def parse(text):
+        values = text.split(",")
+        for v in values:
+            if v not in names:
+                raise argparse.ArgumentTypeError(f"{v!r}: expected {', '.join(names)}")
+        return values
+    return parse
+
+
 def compile_check_main(argv):
     """`python bench.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768]`"""
     p = ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; "
@@ -500,10 +612,20 @@ def main(argv=None):
     p.add_argument("--d", type=integers(1, one=True), default=768)
     p.add_argument("--d_ff", type=integers(1, one=True), default=6144)
     p.add_argument("--d_z", type=integers(1, one=True), default=128)
-    p.add_argument("--rates", default="5,10,25,50,100", type=integers(1, 100),
-                   help="activation rates in percent")
-    p.add_argument("--ks", default="1,2,4", type=integers(1), help="numbers of samples K")
-    p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing")
+    p.add_argument("--rates", type=percents, help="activation rates in percent (default "
+                   "5,10,25,50,100; --blocks: 12.5,25)")
+    p.add_argument("--ks", type=integers(1), help="numbers of samples K (default 1,2,4; "
+                   "--blocks: 1,2)")
+    p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing "
+                   "(--blocks: only b=256)")
+    p.add_argument("--blocks", action="store_true", help="time the block path "
+                   "(kernel.block_inf_ffn, mask_block=b) against dense FFNs and the unit-level "
+                   "path")
+    p.add_argument("--block_sizes", default=[64, 128, 256, 512], type=integers(1),
+                   help="--blocks: units per block b (default 64,128,256,512)")
+    p.add_argument("--gemm", default=["auto"], type=choices("auto", "grouped", "bmm"),
+                   help="--blocks: the block path's row layouts: auto, grouped, bmm "
+                   "(comma-separated)")
     p.add_argument("--reps", type=integers(1, one=True), default=None,
                    help="CUDA: ms per do_bench (default 200); CPU: rounds, best of (default 3)")
     p.add_argument("--plot", default="kernel_bench.png",
@@ -519,7 +641,7 @@ def main(argv=None):
         p.error(f"--plot={args.plot}: no directory {os.path.dirname(os.path.abspath(args.plot))}")
     if kernel.INTERPRET:
         p.error("unset TRITON_INTERPRET (the interpreter is for tests, not for timing)")
-    benchmark(args)
+    (block_benchmark if args.blocks else benchmark)(args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ The README's comparison of the FFNs on the bundled sample, rerun by anyone in tw
 
 Every run is the default `python train.py` (the tiny model, 200 steps of 1,024 tokens, data/sample)
 with one FFN's flags and a seed: dense, switch, top2 and inf with three seeds each, every variant
-with one.
+with one, and inf's block masks (d_ff = 1024 in 16 or 4 blocks) with three each.
 """
 import dataclasses
 import json
@@ -29,12 +29,15 @@ VARIANTS = {"inf, deep router": "--ffn=inf --router_depth=2",
             "inf_deep": "--ffn=inf_deep",
             "switch, bias balancing": "--ffn=switch --balance=bias",
             "top2, bias balancing": "--ffn=top2 --balance=bias"}
+BLOCKS = {"inf, blocks of 64 (16 blocks)": "--ffn=inf --mask_block=64",  # three seeds, as inf
+          "inf, blocks of 256 (4 blocks)": "--ffn=inf --mask_block=256"}
 
 
 def grid():
     """(label, flags, seed, out_dir name) of every run."""
     runs = [(label, flags, seed) for label, flags in BASELINES.items() for seed in SEEDS]
     runs += [(label, flags, SEEDS[0]) for label, flags in VARIANTS.items()]
+    runs += [(label, flags, seed) for label, flags in BLOCKS.items() for seed in SEEDS]
     name = lambda flags, seed: "-".join(f.removeprefix("--ffn=").lstrip("-").replace("=", "_")
                                         for f in flags.split()) + f"-s{seed}"  # inf-gate_pre-s1337
     return [(label, flags, seed, name(flags, seed)) for label, flags, seed in runs]
@@ -121,6 +124,8 @@ def summarise(root):
         row["curves"].append(val)
         # the median over the log lines: one slowed by something else on the machine moves it little
         row["tok_s"].append(statistics.median(r["tokens_per_s"] for r in train) if train else None)
+        if train and "block_load" in train[-1]:  # the last step's, per layer
+            row.setdefault("block_load", []).append(train[-1]["block_load"])
         if "active" not in row:
             row["active"] = GPT(GPTConfig(**ckpt["model_args"])).num_params()[1]
     return rows
@@ -193,6 +198,11 @@ def main(argv=None):
     rows = summarise(args.runs_dir)
     if rows:
         print(table(rows))
+        for label, r in rows.items():
+            if "block_load" in r:
+                loads = [f"{statistics.mean(v):.2f}" for v in zip(*r["block_load"])]
+                print(f"{label}: block load at the last logged step (busiest block / mean, per "
+                      f"layer, mean of the seeds): {' / '.join(loads)}")
         path = args.plot or os.path.join(args.runs_dir, "val_loss.png")
         if plot(rows, path):
             print(f"wrote {path}")

@@ -497,7 +497,7 @@ UPCYCLE_TARGETS = ("switch", "top2", "inf")
 # an upcycled MoE's own fields, free to differ from the dense source's
 MOE_FIELDS = ("ffn", "d_ff_mult", "n_expert", "moe_top_k", "aux_loss_coef", "z_loss_coef", "d_z",
               "top_frac", "z_samples", "z_deterministic", "use_kernel", "balance", "balance_rate",
-              "router_depth", "router_width", "router_mix", "gate")
+              "router_depth", "router_width", "router_mix", "gate", "mask_block")
 
 
 def pretrained_config(args, overrides, source):

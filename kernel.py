@@ -6,6 +6,9 @@ results and tie rule, one for every device and one for CUDA:
   triton_inf_ffn  Triton kernels, forward and backward (CUDA; use_kernel=on, or auto after
                   kernel_ok's self-check)
 
+and, for the block mask (mask_block > 1, W_z of d_ff / b rows), block_inf_ffn: PyTorch ops that
+compute only the kept blocks (any device; see its section).
+
 Both compute, for x (N, d) and K samples z (K, N, d_z):
 
     M = (1/K) sum_k mask_k,  mask_k = where(m_k >= thr_k, m_k, 0),  m_k = z_k W_z^T   (fp32)
@@ -265,6 +268,191 @@ def fast_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     (_FastInfFFN) that keeps pre, M and the K keep masks and recomputes GELU.
     """
     return _FastInfFFN.apply(x, W1, b1, W2, b2, W_z, z, top_frac)
+
+
+# ----------------------------------------------------------------------------- the block path
+# mask_block = b > 1 (model.inf_ffn's block form): a sample keeps whole blocks of b units, so a
+# token needs only the union U of its samples' kept blocks. That is a dropless MoE of d_ff/b
+# experts of width b: gather the (block, token) pairs of U, run each block's rows through its
+# slices of W1 and W2 with GELU and the mask value between (grouped GEMMs), add the rows back into
+# their tokens. No (N, d_ff) tensor exists and the cost follows |U|, not d_ff. Rows are laid out
+#   grouped  back to back, block by block: F.grouped_mm over the blocks' end rows
+#   bmm      each block padded to the busiest block's C rows: one batched GEMM
+
+def _gemm(x, gemm, b):
+    """gemm="auto": grouped_mm where it is one kernel (CUTLASS: sm90/sm100, bf16) or a loop on the
+    host anyway (the CPU), and its rows of d and b values are 16-byte aligned as it demands;
+    otherwise padded bmm (grouped_mm's CUDA fallback reads the group ends on the host in every
+    GEMM: a sync each)."""
+    if gemm != "auto":
+        return gemm
+    one_kernel = not x.is_cuda or (torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+                                   and x.dtype == torch.bfloat16)
+    return "grouped" if one_kernel and x.shape[1] % 8 == 0 and b % 8 == 0 else "bmm"
+
+
+def _gmm(a, w, ends, bias=None, blk=None):
+    """Rows of group g of a (R, p) times w[g] (p, q), + bias[g]: (R, q). ends None: G groups of
+    R/G padded rows (bmm); else each group's end row (grouped_mm; blk: each row's group)."""
+    G = len(w)
+    if ends is None:
+        a = a.view(G, -1, a.shape[1])
+        out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(G, 1, -1), a, w)
+        return out.view(-1, w.shape[2])
+    out = F.grouped_mm(a, w, offs=ends)
+    return out if bias is None else out.add_(bias.view(G, -1)[blk])
+
+
+def _block_weights(W1, W2, G):
+    """Views of W1 (d_ff, d) and W2 (d, d_ff) as G blocks, no copies: for pre = x W1_g^T, out = a
+    W2_g^T, da = dout W2_g and dx = dpre W1_g. Each is row- or column-major per block, as
+    grouped_mm wants."""
+    (Fh, D), b = W1.shape, W1.shape[0] // G
+    W1g, W2g = W1.view(G, b, D), W2.view(D, G, b).transpose(0, 1)
+    return W1g.transpose(1, 2), W2g.transpose(1, 2), W2g, W1g
+
+
+def _gmm_t(a, b, ends, G):
+    """Per group: a_g^T b_g summed over its rows, (G, p, q): the weight gradients."""
+    if ends is None:
+        return torch.bmm(a.view(G, -1, a.shape[1]).transpose(1, 2), b.view(G, -1, b.shape[1]))
+    return F.grouped_mm(a.t(), b, offs=ends)
+
+
+def _block_rows(keep, M, padded):
+    """The rows to compute, from the keep decisions (K, N, G): rows (R,), each row's token, block
+    by block (padded: C rows per block, pads on token 0); Mval (R,), each row's mask value (pads:
+    0); pairs (2, P), for each pair of U its row and its index t * G + g into (N, G)."""
+    union = keep.any(0)                                          # U: (N, G)
+    per_block = union.sum(0)
+    P, C = torch.stack([per_block.sum(), per_block.max()]).tolist()  # the one host sync
+    blk, tok = torch.nonzero_static(union.t(), size=P).unbind(1)  # sorted by block
+    row = torch.arange(P, device=M.device)
+    if padded:
+        row += blk * C - (per_block.cumsum(0) - per_block)[blk]  # its slot in its block's C rows
+    R = len(per_block) * C if padded else P
+    flat = tok * union.shape[1] + blk
+    return (tok.new_zeros(R).index_copy_(0, row, tok),
+            M.new_zeros(R).index_copy_(0, row, M.view(-1)[flat]), torch.stack([row, flat]))
+
+
+def _ends(keep, gemm):
+    return None if gemm == "bmm" else keep.any(0).sum(0).cumsum(0).to(torch.int32)
+
+
+@torch.library.custom_op("infmoe::block_ffn_fwd", mutates_args=())
+def _block_fwd(x: torch.Tensor, W1: torch.Tensor, b1: Optional[torch.Tensor], W2: torch.Tensor,
+               b2: Optional[torch.Tensor], W_z: torch.Tensor, z: torch.Tensor, top_frac: float,
+               gemm: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, counts, n_active, and for backward: pre (R, b), Mval, rows, pairs, keep."""
+    (G, _), D, gemm = W_z.shape, x.shape[1], _gemm(x, gemm, W1.shape[0] // W_z.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        dt = torch.promote_types(z.dtype, torch.float32)  # scores at least fp32, as fast_inf_ffn
+        M, counts, keep = averaged_topk_mask(z.to(dt), W_z.to(dt), top_frac)  # over (N, G) blocks
+        rows, Mval, pairs = _block_rows(keep, M, gemm == "bmm")
+        ends, (W1g_t, W2g_t, _, _) = _ends(keep, gemm), _block_weights(W1, W2, G)
+        pre = _gmm(x.index_select(0, rows), W1g_t, ends, b1, pairs[1] % G)  # gathered W1 x + b1
+        a = F.gelu(pre).mul_(Mval.to(x.dtype)[:, None])           # GELU(pre) * the mask value
+        out = _gmm(a, W2g_t, ends)                                # (R, d)
+        y = out.new_zeros(len(M), D).index_add_(0, rows, out)     # scatter (pads add zeros)
+        if b2 is not None:
+            y += b2
+    return y, counts, torch.count_nonzero(M).float(), pre, Mval, rows, pairs, keep
+
+
+def _rows_count():
+    """A data-dependent size for the fake version: how many rows the path computes. Those tensors
+    flow only into _block_bwd, so they need not break the graph as dynamo's default has it for
+    such sizes (capture_dynamic_output_shape_ops); torch's own device-mesh op makes its size so."""
+    env = torch.library.get_ctx()._shape_env
+    if env is None:
+        return torch.library.get_ctx().new_dynamic_size()
+    n = env.create_unbacked_symint()
+    torch.fx.experimental.symbolic_shapes._constrain_range_for_size(n)
+    return n
+
+
+@_block_fwd.register_fake
+def _(x, W1, b1, W2, b2, W_z, z, top_frac, gemm):
+    R, P, (G, _), (K, N, _) = _rows_count(), _rows_count(), W_z.shape, z.shape
+    dt, i64 = dict(dtype=torch.promote_types(z.dtype, torch.float32)), dict(dtype=torch.int64)
+    return (x.new_empty(N, W2.shape[0]), x.new_empty(G, **dt), x.new_empty((), dtype=torch.float32),
+            x.new_empty(R, W1.shape[0] // G), x.new_empty(R, **dt), x.new_empty(R, **i64),
+            x.new_empty(2, P, **i64), x.new_empty(K, N, G, dtype=torch.bool))
+
+
+@torch.library.custom_op("infmoe::block_ffn_bwd", mutates_args=())
+def _block_bwd(dy: torch.Tensor, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+               W_z: torch.Tensor, z: torch.Tensor, pre: torch.Tensor, Mval: torch.Tensor,
+               rows: torch.Tensor, pairs: torch.Tensor, keep: torch.Tensor, gemm: str,
+               need: List[bool]) -> List[torch.Tensor]:
+    """(dx, dW1, db1, dW2, db2, dW_z, dz); those `need` does not ask for are empty."""
+    (G, _), (Fh, D), K, gemm = W_z.shape, W1.shape, len(keep), _gemm(x, gemm, len(pre[0]))
+    grads = [x.new_empty(0) for _ in range(7)]
+    with torch.autocast(x.device.type, enabled=False):
+        ends, (_, _, W2g, W1g) = _ends(keep, gemm), _block_weights(W1, W2, G)
+        dY = dy.index_select(0, rows)                                   # gather
+        da = _gmm(dY, W2g, ends)                                        # dL/da, a = h * mask
+        h = F.gelu(pre)
+        dmask = torch.mul(da, h, out=torch.empty_like(h)).sum(1)        # dL/d(each row's mask)
+        m = Mval.to(pre.dtype)[:, None]
+        if need[3]:
+            grads[3] = _gmm_t(dY, h.mul_(m), ends, G).transpose(0, 1).reshape(D, Fh)
+        dpre = torch.ops.aten.gelu_backward.grad_input(da.mul_(m), pre, grad_input=h)
+        if need[0]:
+            dxr = _gmm(dpre, W1g, ends)
+            grads[0] = dxr.new_zeros(x.shape).index_add_(0, rows, dxr)
+        if need[1]:
+            grads[1] = _gmm_t(dpre, x.index_select(0, rows), ends, G).view(Fh, D)
+        if need[2]:  # per block: the sum of its rows
+            grads[2] = (dpre.view(G, -1, dpre.shape[1]).sum(1) if ends is None else
+                        dpre.new_zeros(G, dpre.shape[1]).index_add_(0, pairs[1] % G, dpre)).view(Fh)
+        if need[4]:
+            grads[4] = dy.sum(0)
+        if need[5] or need[6]:  # as fast_inf_ffn's backward, on the (N, G) blocks
+            dM = z.new_zeros(keep[0].numel()).index_copy_(0, pairs[1], dmask[pairs[0]].to(z.dtype))
+            dm = keep.to(z.dtype).mul_(dM.view(keep[0].shape))           # K dL/dm_k
+            if need[6]:
+                grads[6] = torch.matmul(dm, W_z).div_(K)
+            if need[5]:
+                grads[5] = (dm.flatten(0, 1).t() @ z.flatten(0, 1)).div_(K)
+    return grads
+
+
+@_block_bwd.register_fake
+def _(dy, x, W1, W2, W_z, z, pre, Mval, rows, pairs, keep, gemm, need):
+    shapes = [x, W1, W1[:, 0], W2, W2[:, 0], W_z, z]
+    return [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(shapes, need)]
+
+
+def _block_setup(ctx, inputs, output):
+    x, W1, b1, W2, b2, W_z, z, _, ctx.gemm = inputs
+    ctx.save_for_backward(x, W1, W2, W_z, z, *output[3:])
+    ctx.has_bias = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
+
+
+def _block_backward(ctx, dy, *_):
+    need = list(ctx.needs_input_grad[:7])
+    need[2], need[4] = need[2] and ctx.has_bias[0], need[4] and ctx.has_bias[1]
+    if dy is None or not any(need):
+        return (None,) * 9
+    grads = _block_bwd(dy.contiguous(), *ctx.saved_tensors, ctx.gemm, need)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+_block_fwd.register_autograd(_block_backward, setup_context=_block_setup)
+
+
+def block_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac, gemm="auto"):
+    """The ∞-MoE FFN with a block mask (W_z: (d_ff / b, d_z), b > 1), computing only the kept
+    blocks: model.inf_ffn's values and gradients, fast_inf_ffn's signature. gemm: "grouped",
+    "bmm" or "auto" (see _gemm). Keeps for backward the pre-activations of the computed rows
+    (|U| b values, plus bmm's pads), the mask value and token of each row, and the keep bits."""
+    y, counts, n_active, *_ = _block_fwd(x.contiguous(), W1.contiguous(), b1, W2.contiguous(), b2,
+                                         W_z, z, top_frac, gemm)
+    return y, counts.detach(), n_active.detach()
 
 
 # ----------------------------------------------------------------------------- the Triton path

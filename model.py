@@ -59,6 +59,7 @@ class GPTConfig:
     router_mix: int = 1         # C: Gaussian components of the router (1: the paper's one Gaussian)
     gate: str = "post"          # post: W2 (Act(W1 x) ⊙ M), the paper | pre: W2 Act((W1 x) ⊙ M)
     top_frac2: float = 0.0      # inf_deep: r of the second masked layer (0: top_frac)
+    mask_block: int = 1         # b: the inf mask keeps blocks of b units (1: the paper's units)
 
     def __post_init__(self):
         if self.ffn not in FFNS:
@@ -88,7 +89,8 @@ class GPTConfig:
 
     @property
     def n_keep(self):
-        return keep_count(self.top_frac, self.d_ff)
+        """Hidden units one ∞-MoE sample keeps (whole blocks of mask_block units)."""
+        return keep_count(self.top_frac, self.d_ff // self.mask_block) * self.mask_block
 
 
 # The valid values of each numeric field, as an interval; every value must also be finite.
@@ -97,12 +99,13 @@ RANGES = {
     "n_embd": ">= 1", "dropout": "[0, 1)", "d_ff_mult": ">= 0", "n_expert": ">= 1",
     "moe_top_k": ">= 0", "aux_loss_coef": ">= 0", "z_loss_coef": ">= 0", "balance_rate": ">= 0",
     "d_z": ">= 1", "top_frac": "(0, 1]", "z_samples": ">= 1", "router_depth": ">= 1",
-    "router_width": ">= 0", "router_mix": ">= 1", "top_frac2": "[0, 1]",
+    "router_width": ">= 0", "router_mix": ">= 1", "top_frac2": "[0, 1]", "mask_block": ">= 1",
 }
 CHOICES = {"gelu_approx": ("none", "tanh"), "use_kernel": ("auto", "on", "off"),
            "balance": ("loss", "bias"), "gate": ("post", "pre")}
 # Fields that change how a trained model is run, not what it is: free to differ from a checkpoint's.
 INFERENCE_KNOBS = ("z_samples", "z_deterministic", "moe_top_k", "use_kernel", "dropout")
+PER_LAYER_STATS = ("block_load",)  # routing statistics logged per layer, not averaged over layers
 
 
 def in_range(value, spec):
@@ -197,7 +200,14 @@ def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     and two routing statistics: counts (d_ff,), how many (token, sample) pairs kept each hidden
     unit, and n_active, the non-zeros of the mean mask. This is the definition, not a fast path:
     it keeps K masks for backward. kernel.py computes the same function fast.
+
+    The block mask (GPTConfig.mask_block = b; beyond the paper, the open problem of its Sec. 6.4):
+    W_z has d_ff / b rows, so m_k scores d_ff / b blocks of b consecutive units; a sample keeps
+    the top r of the blocks at their values, and unit j gets the value of block j // b. counts
+    and n_active then count blocks. A token needs only its kept blocks: kernel.block_inf_ffn
+    computes nothing else. b = 1 is the paper's mask.
     """
+    b = W1.shape[0] // W_z.shape[0]                     # units per block of the mask
     n_keep = keep_count(top_frac, W_z.shape[0])
     h = F.gelu(F.linear(x, W1, b1))                     # Act(W1 x): the same for every sample
     y, masks, counts = 0, 0, 0
@@ -206,7 +216,8 @@ def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
         kth = m.detach().topk(n_keep, dim=-1).values[:, -1:]   # each row's n_keep-th largest
         keep = m >= kth                                 # top-N% (ties with the n_keep-th kept too)
         mask = torch.where(keep, m, 0.0)                # "partly soft": kept at their own values
-        y = y + F.linear(h * mask.to(h.dtype), W2, b2)  # the expert f(x, z_k)
+        mask_units = mask.repeat_interleave(b, dim=-1)  # each block's value on its b units
+        y = y + F.linear(h * mask_units.to(h.dtype), W2, b2)  # the expert f(x, z_k)
         masks, counts = masks + mask.detach(), counts + keep.sum(0)
     # Since the mask multiplies the activation, the mean over k moves inside W2:
     # y = W2 (h ⊙ M) + b2 with M = (1/K) sum_k mask_k, one pass whatever K. kernel.py uses that.
@@ -258,7 +269,7 @@ class InfMoE(nn.Module):
         # mask scores m = W_z z. With z ~ N(mu, sigma^2 ≈ 1) at init the scores have unit variance,
         # so a kept top-25% score has RMS ≈ 1.36 and the 2d kept units give the output scale of
         # dense GPT-2's 4d units with mask 1 (E[sum m^2] ≈ 2d * 1.86 ≈ 4d): step-0 loss as dense.
-        self.W_z = nn.Parameter(torch.randn(d_ff, d_z) / math.sqrt(d_z))
+        self.W_z = nn.Parameter(torch.randn(d_ff // config.mask_block, d_z) / math.sqrt(d_z))
         self.W1 = nn.Linear(d, d_ff, bias=config.bias)
         self.W2 = nn.Linear(d_ff, d, bias=config.bias)
         residual(self.W2.weight)
@@ -295,18 +306,22 @@ class InfMoE(nn.Module):
             "active": n_active / (x.shape[0] * q.numel()),   # non-zero share of the averaged mask
             **self.router.stats,
         }
+        if self.config.mask_block > 1:  # the busiest block against the mean: what pads cost
+            self.stats["block_load"] = (counts.max() / counts.mean()).detach()
         return y.view(shape)
 
     def masked_ffn(self, x, z):
         """inf_ffn's y = W2 (GELU(W1 x + b1) ⊙ M) + b2, computed by one of kernel.py's fast paths:
-        the Triton kernel or the PyTorch one. gate=pre puts the mask inside GELU, which does not
-        commute with the mean over samples: one pass per sample (optional part below)."""
+        the block path (mask_block > 1), the Triton kernel or the PyTorch one. gate=pre puts the
+        mask inside GELU, which does not commute with the mean over samples: one pass per sample
+        (optional part below)."""
         if self.config.gate == "pre":
             self.without_kernel(x, "gate=pre")
             return inf_ffn_per_sample(x, [self.W1, self.W2], [self.W_z], z,
                                       [self.config.top_frac], True)
         import kernel  # here, not at the top: model.py reads (and imports) without the fast paths
-        ffn = kernel.triton_inf_ffn if self.use_kernel(x) else kernel.fast_inf_ffn
+        ffn = (kernel.block_inf_ffn if self.config.mask_block > 1  # computes only the kept blocks
+               else kernel.triton_inf_ffn if self.use_kernel(x) else kernel.fast_inf_ffn)
         dt, W1, W2 = x.dtype, self.W1, self.W2
         b1 = None if W1.bias is None else W1.bias.to(dt)
         b2 = None if W2.bias is None else W2.bias.to(dt)
@@ -335,6 +350,20 @@ class InfMoE(nn.Module):
         c = self.config
         idle = c.d_ff - min(c.d_ff, self.samples() * c.n_keep)
         return sum(p.numel() for p in self.parameters()) - idle * (2 * c.n_embd + int(c.bias))
+
+    @classmethod
+    def check_config(cls, config):
+        b, why = config.mask_block, None
+        if b > 1 and cls is not InfMoE:
+            why = "is for ffn=inf (inf_deep masks units)"
+        elif b > 1 and config.gate == "pre":
+            why = "needs gate=post (the block path is the one-pass post-activation FFN)"
+        elif b > 1 and config.use_kernel == "on":
+            why = "runs the block path; the Triton kernel (use_kernel=on) masks units only"
+        elif config.d_ff % b:
+            why = f"does not divide d_ff={config.d_ff}"
+        if why:
+            raise ValueError(f"GPTConfig: mask_block={b} {why}")
 
 
 # ----------------------------------------------------------------------------- switch / top-2
@@ -563,11 +592,13 @@ class GPT(nn.Module):
             self.config.z_deterministic = bool(z_deterministic)
 
     def routing_stats(self):
-        """Per-layer statistics of the last forward, averaged over layers; tensors on the device."""
+        """Per-layer statistics of the last forward, averaged over layers (PER_LAYER_STATS: one
+        value per layer); tensors on the device."""
         layers = [block.mlp.stats for block in self.transformer.h if block.mlp.stats]
         if not layers:
             return {}
-        return {key: torch.stack([s[key] for s in layers]).mean(0) for key in layers[0]}
+        stacked = {key: torch.stack([s[key] for s in layers]) for key in layers[0]}
+        return {k: v if k in PER_LAYER_STATS else v.mean(0) for k, v in stacked.items()}
 
     def num_params(self):
         """(total, active): all parameters, and those one token multiplies with: everything outside
@@ -716,18 +747,27 @@ FFNS = {"dense": DenseFFN, "switch": TopKMoE, "top2": Top2MoE, "inf": InfMoE,
 # infra.from_pretrained builds our GPT from trained weights; from a dense source into an MoE it
 # calls upcycle.
 
-def expected_mask_value(top_frac):
+def expected_mask_value(top_frac, n=None):
     """E[M_j], the mean mask value of one hidden unit at initialisation (any K: M averages K masks).
 
     A fresh router gives mu ≈ 0, sigma ≈ 1, so z ~ N(0, I); W_z's rows have norm ≈ 1, so each score
     m_j = W_z[j] . z is ~ N(0, 1). A sample keeps the top r of the scores, those above the (1 - r)
     quantile t, at their own values: E[m 1{m > t}] = phi(t), the standard normal density at t
-    (0.318 for r = 25%).
+    (0.318 for r = 25%). That is the limit of many scores (units). With n scores (blocks), the
+    k = keep_count(r, n) largest of n normals: E[M_j] = ∫ m phi(m) P(Bin(n-1, 1 - Phi(m)) < k) dm,
+    less than phi(t) (0.257 for the largest of 4).
     """
     if not 0.0 < top_frac < 1.0:
         raise ValueError(f"top_frac={top_frac}: upcycling into ffn=inf needs 0 < top_frac < 1")
     normal = NormalDist()
-    return normal.pdf(normal.inv_cdf(1.0 - top_frac))
+    if n is None:
+        return normal.pdf(normal.inv_cdf(1.0 - top_frac))
+    m = torch.linspace(-10, 10, 20001, dtype=torch.float64)[:, None]
+    above, i = torch.special.ndtr(-m), torch.arange(keep_count(top_frac, n), dtype=m.dtype)
+    log_pmf = (math.lgamma(n) - torch.lgamma(i + 1) - torch.lgamma(n - i)   # m in the top k
+               + torch.special.xlogy(i, above) + torch.special.xlog1py(n - 1 - i, -above))
+    density = m * torch.exp(-m * m / 2) / math.sqrt(2 * math.pi) * log_pmf.logsumexp(1, True).exp()
+    return torch.trapezoid(density[:, 0], m[:, 0]).item()
 
 
 def check_upcycle(c, d_dense):
@@ -753,7 +793,8 @@ def upcycle(model, dense_state, d_dense):
                    top2's renormalised weights sum to 1, so at step 0 it computes exactly the dense
                    model; switch computes each FFN output times the chosen expert's probability.
       inf          hidden unit j is dense unit j mod d_dense (needs d_ff a multiple of it: R copies
-                   each), and W2 is divided by R * E[M_j]: averaged over the routing noise and the
+                   each; a block mask puts it in block j // b, and E[M_j] is that of d_ff / b
+                   blocks), and W2 is divided by R * E[M_j]: averaged over the routing noise and the
                    fresh W_z, the FFN output equals the dense one (expected_mask_value). Per
                    token it is the dense FFN with its units re-weighted at random (mean 1), so
                    step-0 loss is above the source's.
@@ -778,7 +819,8 @@ def upcycle(model, dense_state, d_dense):
                 mlp.b2.copy_(b2.expand_as(mlp.b2))
         else:
             unit = torch.arange(c.d_ff) % d_dense            # hidden unit j copies dense unit j mod
-            scale = 1.0 / ((c.d_ff // d_dense) * expected_mask_value(c.top_frac))
+            blocks = c.d_ff // c.mask_block if c.mask_block > 1 else None  # units: their limit
+            scale = 1.0 / ((c.d_ff // d_dense) * expected_mask_value(c.top_frac, blocks))
             mlp.W1.weight.copy_(W1[unit])
             mlp.W2.weight.copy_(W2[:, unit] * scale)
             if mlp.W1.bias is not None:

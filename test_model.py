@@ -38,7 +38,7 @@ import train
 import model as model_py  # the module; tests name their GPT instances `model`
 from infra import UsageError, from_pretrained, load_checkpoint
 from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
-from model import GPT, GPTConfig, expected_mask_value, inf_ffn
+from model import GPT, GPTConfig, InfMoE, expected_mask_value, inf_ffn
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths, write_shard)
 import zeroshot
@@ -66,13 +66,14 @@ def tiny_model(ffn="dense", seed=0, **kw):
     return GPT(tiny(ffn, **kw))
 
 
-def make_inputs(N, d, d_ff, d_z, K, bias, seed=0, dtype=torch.float32):
+def make_inputs(N, d, d_ff, d_z, K, bias, seed=0, dtype=torch.float32, block=1):
+    """block: units per block of the mask, so W_z has d_ff / block rows."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0, dt=dtype: (
         (torch.randn(*s, generator=g) * scale).to(dt).requires_grad_())
     return dict(x=r(N, d), W1=r(d_ff, d, scale=d ** -0.5), b1=r(d_ff, scale=0.1) if bias else None,
                 W2=r(d, d_ff, scale=d_ff ** -0.5), b2=r(d, scale=0.1) if bias else None,
-                W_z=r(d_ff, d_z, scale=d_z ** -0.5, dt=torch.float32),
+                W_z=r(d_ff // block, d_z, scale=d_z ** -0.5, dt=torch.float32),
                 z=r(K, N, d_z, dt=torch.float32))
 
 
@@ -502,14 +503,76 @@ def test_evaluation_noise_follows_the_row_not_the_batch(ffn, kw):
         model(idx, seq_ids=ids[:2])
 
 
+def test_block_mask_options_are_checked():
+    with pytest.raises(ValueError, match=r"^GPTConfig: mask_block=48 does not divide d_ff=256$"):
+        tiny("inf", mask_block=48)
+    for kw, words in [(dict(ffn="inf_deep"), "is for ffn=inf"),
+                      (dict(ffn="inf", gate="pre"), "needs gate=post"),
+                      (dict(ffn="inf", use_kernel="on"), "runs the block path; the Triton kernel")]:
+        with pytest.raises(ValueError, match=f"^GPTConfig: mask_block=16 {re.escape(words)}"):
+            tiny(mask_block=16, **kw)
+    with pytest.raises(ValueError, match="mask_block=0: must be >= 1"):
+        tiny("inf", mask_block=0)
+    assert tiny("inf", mask_block=256).n_keep == 256  # one block: every token keeps it
+    assert tiny("inf", mask_block=64).n_keep == 64 and tiny("inf").n_keep == 64
+    assert tiny("dense", mask_block=48).d_ff == 128  # not an ∞-MoE option: ignored elsewhere
+
+
+@pytest.mark.parametrize("K,deterministic", [(1, False), (2, False), (3, False), (1, True)])
+def test_block_mask_layer_is_k_naive_block_experts(K, deterministic):
+    """mask_block = 16 over d_ff = 256: 16 blocks, each sample keeps the 4 highest-scoring blocks
+    of W_z z_k at their values on all 16 of their units; z = mu for z_deterministic."""
+    model = tiny_model("inf", seed=K, mask_block=16)
+    model.set_sampling(z_samples=K, z_deterministic=deterministic)
+    layer = model.transformer.h[0].mlp
+    assert layer.W_z.shape == (16, 8)
+    x = torch.randn(12, 32)
+    eps = torch.zeros(1, 12, 8) if deterministic else torch.randn(K, 12, 8)
+    mu, logvar = router_by_hand(layer, x)
+    ref = 0
+    for e in eps:
+        s = (mu + torch.exp(0.5 * logvar) * e) @ layer.W_z.t()
+        top = s.topk(4, dim=-1).indices
+        mask = torch.zeros(12, 256)
+        for t in range(12):
+            for blk in top[t].tolist():
+                mask[t, 16 * blk:16 * blk + 16] = s[t, blk]
+        ref = ref + layer.W2(F.gelu(layer.W1(x)) * mask) / len(eps)
+    torch.manual_seed(0)
+    y = layer(x) if deterministic else layer(x, eps=eps)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_block_load_is_the_busiest_block_against_the_mean_per_layer():
+    model = tiny_model("inf", mask_block=32)  # 8 blocks, 2 kept per sample
+    model(torch.randint(0, 97, (2, 16)))
+    stats = model.routing_stats()
+    per_layer = [block.mlp.stats for block in model.transformer.h]
+    assert stats["block_load"].shape == (2,) and stats["entropy"].dim() == 0  # not averaged
+    layer = model.transformer.h[0].mlp
+    x, eps = torch.randn(10, 32), torch.randn(2, 10, 8)
+    layer(x, eps=eps)
+    mu, logvar = router_by_hand(layer, x)
+    hits = torch.zeros(8)
+    for k in range(2):
+        idx = ((mu + torch.exp(0.5 * logvar) * eps[k]) @ layer.W_z.t()).topk(2, dim=-1).indices
+        hits += torch.bincount(idx.flatten(), minlength=8).float()
+    # 10 tokens x 2 samples x 2 blocks = 40 selections over 8 blocks: a mean of 5
+    assert layer.stats["block_load"].item() == pytest.approx(hits.max().item() / 5)
+    assert torch.equal(stats["block_load"], torch.stack([s["block_load"] for s in per_layer]))
+    assert "block_load" not in tiny_model("inf").transformer.h[0].mlp.stats  # b = 1: as before
+
+
 # ---- the ∞-MoE equations (inf_ffn)
 
 def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     """model.inf_ffn's definition computed another way: K separate expert passes f(x, z_k) =
     W2 (GELU(W1 x + b1) ⊙ mask_k) + b2, averaged, with mask_k built by index: the n_keep largest
-    scores of each row scattered at their own values (random scores: no ties). Returns y, counts
+    scores of each row scattered at their own values (random scores: no ties); with fewer rows
+    in W_z than units, a block mask: unit j takes the value of block j // b. Returns y, counts
     and n_active like inf_ffn."""
     n_keep = max(1, round(top_frac * W_z.shape[0]))
+    block_of = torch.arange(W1.shape[0]) // (W1.shape[0] // W_z.shape[0])
     ys, masks, counts = [], [], 0
     for k in range(z.shape[0]):
         m = z[k] @ W_z.t()
@@ -517,14 +580,17 @@ def index_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
         masks.append(torch.zeros_like(m).scatter(1, idx, m.gather(1, idx)))
         counts = counts + torch.zeros(m.shape[1]).index_add_(0, idx.flatten(),
                                                              torch.ones(idx.numel()))
-        ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * masks[-1].to(x.dtype), W2, b2))
+        unit_mask = masks[-1][:, block_of].to(x.dtype)
+        ys.append(F.linear(F.gelu(F.linear(x, W1, b1)) * unit_mask, W2, b2))
     return sum(ys) / len(ys), counts, (sum(masks) != 0).sum().float()
 
 
-@pytest.mark.parametrize("K,bias,top_frac", [(1, True, 0.25), (3, False, 0.1), (2, True, 1.0)])
-def test_inf_ffn_states_the_k_pass_definition(K, bias, top_frac):
+@pytest.mark.parametrize("K,bias,top_frac,block", [(1, True, 0.25, 1), (3, False, 0.1, 1),
+                                                   (2, True, 1.0, 1), (2, True, 0.25, 3),
+                                                   (3, False, 0.5, 12)])
+def test_inf_ffn_states_the_k_pass_definition(K, bias, top_frac, block):
     # the oracle of every fast path, itself against the definition computed by index
-    inp = make_inputs(N=23, d=10, d_ff=36, d_z=5, K=K, bias=bias, seed=20 + K)
+    inp = make_inputs(N=23, d=10, d_ff=36, d_z=5, K=K, bias=bias, seed=20 + K, block=block)
     dy = torch.randn(23, 10, generator=torch.Generator().manual_seed(4))
     (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
         run(inf_ffn, inp, top_frac, dy), run(index_inf_ffn, inp, top_frac, dy))
@@ -612,15 +678,18 @@ def index_mask(scores, r):
 
 
 def naive_expert(x, z, hidden, W_zs, rs, out, pre):
-    """One expert f(x, z): each hidden layer masked by its own W_z head, then the output layer."""
+    """One expert f(x, z): each hidden layer masked by its own W_z head, then the output layer.
+    A W_z of fewer rows than units scores blocks: each block's value on its units."""
     h = x
     for lin, W_z, r in zip(hidden, W_zs, rs):
         a, mask = lin(h), index_mask(z @ W_z.t(), r)
+        mask = mask.repeat_interleave(lin.out_features // W_z.shape[0], dim=-1)
         h = F.gelu(a * mask) if pre else F.gelu(a) * mask
     return out(h)
 
 
 @pytest.mark.parametrize("flags", [dict(ffn="inf", router_depth=3, router_width=16),
+                                   dict(ffn="inf", router_depth=2, mask_block=16),
                                    dict(ffn="inf", gate="pre"),
                                    dict(ffn="inf_deep", top_frac2=0.5),
                                    dict(ffn="inf_deep", gate="pre")])
@@ -650,11 +719,12 @@ def test_variant_matches_naive_k_pass(flags):
         for W_z, r in zip(W_zs, rs))) < 0.5  # the non-zero share of every layer's union of masks
 
 
-def test_mixture_router_matches_weighted_components():
+@pytest.mark.parametrize("block", [1, 32])
+def test_mixture_router_matches_weighted_components(block):
     """C = 3 Gaussians: y = sum_c pi_c (1/K) sum_k f(x, mu_c + sigma_c eps_k), pi = softmax of the
-    router's first C outputs; pi gets a gradient."""
+    router's first C outputs; pi gets a gradient. Also with a block mask."""
     C, K = 3, 2
-    layer = tiny_model("inf", router_mix=C).transformer.h[0].mlp
+    layer = tiny_model("inf", router_mix=C, mask_block=block).transformer.h[0].mlp
     x, eps = torch.randn(10, 32), torch.randn(K, 10, 8)
     lin = layer.router.net[0]
     out = x @ lin.weight.t() + lin.bias  # [C mixture logits | mu_0, raw_0 | mu_1, raw_1 | ...]
@@ -713,10 +783,11 @@ def test_aux_loss_free_balancing_by_hand(ffn):
 
 # ---- parameter counts
 
-def formula_params(ffn, L, d, V=50257, T=1024, E=4, d_z=128, K=2, r=0.25, mult=0, depth=1, C=1):
+def formula_params(ffn, L, d, V=50257, T=1024, E=4, d_z=128, K=2, r=0.25, mult=0, depth=1, C=1,
+                   b=1):
     """Independent count: embeddings + per layer (2 LN, attention, FFN) + final LN; biases on.
     mult: hidden width / d (0: the FFN's default); depth, C: the ∞-MoE router's layers (width d),
-    components."""
+    components; b: units per block of the ∞-MoE mask."""
     attn = d * 3 * d + 3 * d + d * d + d
     ln = 2 * d
     shared = V * d + T * d + L * (2 * ln + attn) + ln
@@ -731,8 +802,8 @@ def formula_params(ffn, L, d, V=50257, T=1024, E=4, d_z=128, K=2, r=0.25, mult=0
         ffn_total, ffn_active = d * E + E * one, d * E + k * one
     elif ffn == "inf":
         d_ff = (mult or 8) * d
-        fixed = router + d_ff * d_z + d                       # router, W_z, b2
-        units = min(d_ff, K * C * round(r * d_ff))  # K * C masks of round(r d_ff) units each
+        fixed = router + d_ff // b * d_z + d                  # router, W_z, b2
+        units = min(d_ff, K * C * round(r * d_ff / b) * b)  # K * C masks of round(r d_ff) units
         ffn_total, ffn_active = fixed + d_ff * (2 * d + 1), fixed + units * (2 * d + 1)
     else:  # inf_deep: x -(W1)-> n -(W_mid)-> n -(W2)-> d, a W_z per hidden layer
         n = (mult or 4) * d
@@ -759,6 +830,8 @@ def test_param_counts_match_formula(ffn, size):
     ("top2", dict(d_ff_mult=4), dict(mult=4)),
     ("inf", dict(router_depth=2, router_mix=3), dict(depth=2, C=3)),
     ("inf", dict(router_mix=2, d_ff_mult=16), dict(C=2, mult=16)),
+    ("inf", dict(mask_block=256), dict(b=256)),       # 24 blocks, 6 kept per sample
+    ("inf", dict(mask_block=2048, z_samples=3), dict(b=2048, K=3)),  # 3 blocks, 1 per sample
     ("inf_deep", dict(d_ff_mult=2), dict(mult=2))])
 def test_param_counts_of_the_flags(ffn, kw, formula):
     with torch.device("meta"):
@@ -832,13 +905,31 @@ def test_expected_mask_value_against_monte_carlo(top_frac):
         expected_mask_value(1.0)
 
 
-def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
+@pytest.mark.parametrize("n", [4, 16, 24])
+def test_expected_mask_value_of_few_blocks_against_monte_carlo(n):
+    # a block mask scores n blocks, not thousands of units: the top k of n normals, whose mean
+    # is below the many-scores limit (by 19% for the largest of 4). Orthonormal rows of W_z give
+    # exactly independent N(0, 1) scores; InfMoE's random rows (norms ≈ 1) come close.
+    torch.manual_seed(0)
+    z = torch.randn(100000, 128)
+    kept = lambda W_z: ((z @ W_z.t()).topk(max(1, round(0.25 * n)), dim=-1).values.sum(-1).mean()
+                        .item() / n)
+    orthonormal = torch.linalg.qr(torch.randn(128, n))[0].t()
+    assert expected_mask_value(0.25, n) == pytest.approx(kept(orthonormal), rel=0.01)
+    fresh = InfMoE(tiny("inf", d_z=128, n_embd=n, mask_block=8)).W_z  # d_ff = 8n: n blocks
+    assert expected_mask_value(0.25, n) == pytest.approx(kept(fresh), rel=0.05)
+    assert expected_mask_value(0.25, n) < expected_mask_value(0.25) - 0.01
+    assert expected_mask_value(0.25, 6144) == pytest.approx(expected_mask_value(0.25), rel=1e-3)
+
+
+@pytest.mark.parametrize("block", [1, 64])
+def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2, block):
     """inf upcycled from GPT-2 (d_ff = 8d: each dense unit twice): averaged over many z samples its
     FFN output is close to the dense MLP's, one sample is far from it; router and W_z keep their
-    fresh init."""
+    fresh init. Also with a block mask of 4 blocks (unit j in block j // 64)."""
     hf, path = hf_gpt2
     torch.manual_seed(3)
-    model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128})
+    model = from_pretrained(str(path), {"ffn": "inf", "d_z": 128, "mask_block": block})
     torch.manual_seed(3)
     fresh = GPT(model.config)  # the same draws: router and W_z must be left as initialised
     layer, dense = model.transformer.h[0].mlp, hf.transformer.h[0].mlp
@@ -858,6 +949,10 @@ def test_upcycled_inf_is_the_dense_ffn_on_average(hf_gpt2):
     # measured 0.14 and 1.3: unbiased up to the spread of E[M_j] over units (W_z's row norms,
     # mu != 0); without the 1 / (2 E[M_j]) scale the mean would be off by 36% more
     assert err(mean) < 0.25 and err(one) > 0.8
+    # and its scale: the mean's gain along the dense output (measured 0.99 and, 4 blocks, 1.06;
+    # 0.85 with the many-units E[M_j] for the 4 blocks)
+    h = want - dense.c_proj.bias
+    assert abs(((mean - dense.c_proj.bias) * h).sum() / (h * h).sum() - 1) < 0.08
 
 
 # ====================================================================== train.py
@@ -961,6 +1056,21 @@ def test_train_with_aux_loss_free_balancing(shards, tmp_path):
     assert (bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4)
             and steps.abs().max() <= 3)
     assert len(read_log(out)[-2]["load"]) == 4
+
+
+def test_train_with_a_block_mask_logs_block_load_per_layer(shards, tmp_path, capsys):
+    """--mask_block=64 over d_ff = 256: 4 blocks; the log holds each layer's busiest block against
+    the mean (between 1 and 4), the checkpoint the option, and it evaluates from there."""
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--mask_block=64", "--n_layer=2", "--max_iters=2",
+                        "--eval_interval=2"))
+    steps = [r for r in read_log(out) if "loss" in r]
+    assert all(len(r["block_load"]) == 2 and all(1 <= v <= 4 for v in r["block_load"])
+               for r in steps)
+    assert re.search(r"block_load \d\.\d\d/\d\.\d\d", capsys.readouterr().out)
+    assert load_checkpoint(out / "ckpt.pt")["model_args"]["mask_block"] == 64
+    train.main(tiny_run(shards, out, "--n_layer=2", "--eval_only", "--init_from=resume"))
+    assert "val_loss" in read_log(out, "eval.jsonl")[-1]
 
 
 def test_tokens_per_s_counts_the_steps_timed(shards, tmp_path, monkeypatch, capsys):
@@ -1090,6 +1200,9 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
         (["--n_layer=1000000"], "--n_layer=1000000 --n_embd=32"),
         (["--block_size=1000000", "--batch_size=1", "--vocab_size=50257"],  # 400 GB of logits
          "--block_size=1000000 --batch_size=1"),
+        (["--mask_block=0"], "--mask_block=0: must be >= 1"),
+        (["--mask_block=3"], "GPTConfig: mask_block=3 does not divide d_ff=256"),
+        (["--ffn=inf_deep", "--mask_block=2"], "GPTConfig: mask_block=2 is for ffn=inf"),
     ]
     # `import wandb` fails, as when it is not installed
     monkeypatch.setitem(sys.modules, "wandb", None)
@@ -2090,7 +2203,7 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, monkeypatch):
     (compare, ["--jobs=0"], "--jobs=0"),
     (compare, ["--plot=/nowhere/x.png"], "--plot=/nowhere/x.png: no directory /nowhere"),
     (bench, ["--rates=abc"], "argument --rates: 'abc'"),
-    (bench, ["--rates=150"], "argument --rates: 150 is not between 1 and 100"),
+    (bench, ["--rates=150"], "argument --rates: 150 is not in (0, 100]"),
     (bench, ["--ks=0"], "argument --ks: 0"),
     (bench, ["--tokens=-1"], "argument --tokens: -1"),
     (bench, ["--tokens=0"], "argument --tokens: 0"),
@@ -2328,6 +2441,176 @@ def test_selection_scores_run_in_ieee_fp32_and_restore_the_flags(monkeypatch):
         cuda.allow_tf32, mkldnn.fp32_precision = old
 
 
+# ---- the block path (block_inf_ffn): mask_block > 1, only the kept blocks computed
+
+def dense_block_masked_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
+    """The block mask expanded to units, then a dense masked FFN by autograd: each sample keeps
+    every block scoring at least its n_keep-th largest block score (ties all kept), at its value;
+    M averages the K masks; unit j takes block j // b's value. Returns y, counts, n_active."""
+    G, d_ff = W_z.shape[0], W1.shape[0]
+    n_keep = max(1, round(top_frac * G))
+    M, counts = 0, 0
+    for k in range(len(z)):
+        m = z[k] @ W_z.t()
+        keep = m >= m.detach().sort(dim=-1, descending=True).values[:, n_keep - 1:n_keep]
+        M, counts = M + torch.where(keep, m, 0.0) / len(z), counts + keep.float().sum(0)
+    units = M[:, torch.arange(d_ff) // (d_ff // G)]
+    y = F.linear(F.gelu(F.linear(x, W1, b1)) * units.to(x.dtype), W2, b2)
+    return y, counts, (M != 0).sum().float()
+
+
+def block_path(gemm):
+    return lambda *args: kernel.block_inf_ffn(*args, gemm=gemm)
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("K,bias,top_frac,block", [(1, True, 0.25, 8), (2, True, 0.25, 16),
+                                                   (3, False, 0.5, 4), (2, True, 0.25, 128),
+                                                   (4, False, 1.0, 32)])
+def test_block_path_matches_the_dense_block_masked_ffn(gemm, K, bias, top_frac, block):
+    # d_ff = 128 in blocks of 4 to 128 (one block: every token keeps it)
+    inp = make_inputs(N=37, d=16, d_ff=128, d_z=6, K=K, bias=bias, seed=K + block, block=block)
+    dy = torch.randn(37, 16, generator=torch.Generator().manual_seed(7))
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(block_path(gemm), inp, top_frac, dy), run(dense_block_masked_ffn, inp, top_frac, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    assert grads.keys() == grads0.keys() == {k for k, v in inp.items() if v is not None}
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_block_path_ties_by_hand(gemm):
+    # the score tables of test_fast_path_ties_by_hand, now over 8 blocks of 4 units (W_z = I):
+    # row 0 of sample 0 keeps blocks 0-2, 4, 7; sample 1 keeps its three zero-valued blocks too,
+    # which add nothing to M but whose scores get a gradient
+    s0 = torch.tensor([[5., 3, 3, 1, 3, 0, -2, 3], [2.] * 8])
+    s1 = torch.tensor([[0., 0, 0, 1, -1, -1, -1, -1], [4., -1, -1, -1, -1, -1, -1, -1]])
+    inp = make_inputs(N=2, d=8, d_ff=32, d_z=8, K=2, bias=True, block=4)
+    inp["z"], inp["W_z"] = torch.stack([s0, s1]).requires_grad_(), torch.eye(8).requires_grad_()
+    dy = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    (y, counts, n_active, grads), (y0, counts0, _, grads0) = (
+        run(block_path(gemm), inp, 0.25, dy), run(dense_block_masked_ffn, inp, 0.25, dy))
+    assert counts.tolist() == [4, 4, 4, 3, 3, 2, 2, 3] == counts0.tolist()
+    assert n_active.item() == 14  # row 0: blocks 0-4 and 7; row 1: all eight
+    torch.testing.assert_close(y, y0)
+    assert (grads["z"][1, 0, :3] != 0).all() and (grads["z"][1, 0, 4:] == 0).all()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], msg=lambda m: f"{name}: {m}")
+
+
+def test_block_path_gradcheck_float64():
+    # the padded batches in float64 (grouped_mm has no float64): finite differences of all seven
+    inp = make_inputs(N=9, d=4, d_ff=12, d_z=3, K=2, bias=True, seed=2, dtype=torch.float64,
+                      block=3)
+    inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
+    inp["z"] = inp["z"].detach().double().requires_grad_()
+    args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
+    assert torch.autograd.gradcheck(lambda *a: kernel.block_inf_ffn(*a, 0.5, gemm="bmm")[0], args)
+
+
+class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor an op creates."""
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves(out)
+        self.numels += [t.numel() for t in leaves if torch.is_tensor(t)]
+        return out
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_block_path_builds_no_tokens_by_d_ff_tensor(gemm):
+    # N = 64 tokens, d_ff = 128 in 8 blocks of 16, K = 2, r = 25%: forward and backward create no
+    # tensor of N x d_ff elements (the unit-level path creates several), and backward keeps less
+    # than a dense FFN of width d_ff / 2 (its two N x d_ff / 2 tensors): the pre-activations of
+    # the kept rows (at most 4 of 8 blocks per token), and vectors over the rows
+    N, d_ff = 64, 128
+    inp = make_inputs(N=N, d=16, d_ff=d_ff, d_z=8, K=2, bias=True, seed=1, block=16)
+    for fn, big in ((block_path(gemm), False), (fast_inf_ffn, True)):
+        if fn is fast_inf_ffn:
+            inp["W_z"] = torch.randn(d_ff, 8, requires_grad=True)
+        with Sizes() as sizes:
+            y = fn(*(inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")), 0.25)[0]
+            y.sum().backward()
+        assert (max(sizes.numels) >= N * d_ff) == big, max(sizes.numels)
+    kept = saved_for_backward(block_path(gemm), inp | {"W_z": torch.randn(8, 8)})
+    assert 0 < sum(kept.values()) < 2 * N * d_ff // 2 * 4, kept
+
+
+def test_block_custom_ops_pass_opcheck(gemm="grouped"):
+    # fake versions (data-dependent row counts included), schema, autograd, AOTAutograd tracing
+    inp = make_inputs(N=24, d=16, d_ff=64, d_z=8, K=2, bias=True, seed=5, block=8)
+    args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
+    torch.library.opcheck(torch.ops.infmoe.block_ffn_fwd, (*args, 0.25, gemm))
+    with torch.no_grad():
+        saved = torch.ops.infmoe.block_ffn_fwd(*args, 0.25, gemm)[3:]
+    x, W1, _, W2, _, W_z, z = (t.detach() for t in args)
+    for need in ([True] * 7, [False, True, False, True, False, False, True]):
+        torch.library.opcheck(torch.ops.infmoe.block_ffn_bwd,
+                              (torch.randn(24, 16), x, W1, W2, W_z, z, *saved, gemm, need))
+
+
+def test_inductor_gives_the_block_path_eager_values_and_memory():
+    torch._dynamo.reset()
+    inp = make_inputs(N=64, d=16, d_ff=128, d_z=8, K=2, bias=True, seed=4, block=16)
+    dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(kernel.block_inf_ffn, dynamic=False)
+    (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
+        run(compiled, inp, 0.25, dy), run(kernel.block_inf_ffn, inp, 0.25, dy))
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    kept = sum(saved_for_backward(compiled, inp).values())
+    torch._dynamo.reset()
+    assert kept == sum(saved_for_backward(kernel.block_inf_ffn, inp).values())
+
+
+@pytest.mark.parametrize("G,b,d,rows", [(24, 256, 768, 4000), (8, 16, 16, 40)])
+def test_block_path_grouped_gemms_pass_the_cuda_checks(G, b, d, rows):
+    # torch's shape function for grouped_mm holds the CUDA kernel's checks (bf16, 16-byte
+    # strides, column- or row-major operands): the block path's five grouped GEMMs and their weight
+    # views pass them on meta tensors, at GPT-2 Small's shape (b = 256) and the tests' toy one
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    W1, W2 = torch.empty(G * b, d, **meta), torch.empty(d, G * b, **meta)
+    x, h, ends = torch.empty(rows, d, **meta), torch.empty(rows, b, **meta), torch.empty(
+        G, dtype=torch.int32, device="meta")
+    W1g_t, W2g_t, W2g, W1g = kernel._block_weights(W1, W2, G)
+    assert kernel._gmm(x, W1g_t, ends, torch.empty(G * b, **meta), torch.zeros(
+        rows, dtype=torch.int64, device="meta")).shape == (rows, b)
+    assert kernel._gmm(h, W2g_t, ends).shape == kernel._gmm(h, W1g, ends).shape == (rows, d)
+    assert kernel._gmm(x, W2g, ends).shape == (rows, b)
+    assert kernel._gmm_t(x, h, ends, G).shape == (G, d, b)
+    assert kernel._gmm_t(h, x, ends, G).shape == (G, b, d)
+    with pytest.raises(RuntimeError, match="16 bytes"):  # the check bites: a 12-byte stride
+        kernel._gmm(torch.empty(rows, 6, **meta), torch.empty(G, 6, b, **meta), ends)
+
+
+def test_block_path_picks_grouped_mm_where_it_is_one_kernel(monkeypatch):
+    # auto: grouped_mm on the CPU and on sm90/sm100 in bf16, when d and b make 16-byte rows; padded
+    # bmm on other GPUs and dtypes, where grouped_mm would read its group ends on the host in
+    # every GEMM, and for unaligned rows
+    caps = {"cuda:0": (8, 0), "cuda:1": (9, 0), "cuda:2": (10, 0), "cuda:3": (12, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: caps[device])
+    gpu = lambda dev, dt, d=768: SimpleNamespace(is_cuda=True, device=dev, dtype=dt,  # noqa: E731
+                                                 shape=(64, d))
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert [kernel._gemm(gpu(dev, dt), "auto", 256) for dev in caps for dt in (bf16, f32)] == [
+        "bmm", "bmm", "grouped", "bmm", "grouped", "bmm", "bmm", "bmm"]
+    assert kernel._gemm(gpu("cuda:1", bf16, d=20), "auto", 256) == "bmm"
+    assert kernel._gemm(gpu("cuda:1", bf16), "auto", 4) == "bmm"
+    assert kernel._gemm(torch.zeros(5, 16), "auto", 8) == "grouped"
+    assert kernel._gemm(torch.zeros(5, 16), "auto", 2) == "bmm"
+    assert kernel._gemm(gpu("cuda:1", bf16), "bmm", 256) == "bmm"
+
+
 # ---- the Triton kernels (triton_inf_ffn) against the PyTorch path
 
 def check_against_reference(inp, top_frac, rtol=1e-4, atol=1e-5):
@@ -2465,13 +2748,15 @@ def test_variants_with_the_kernel(recwarn):
 
 @pytest.mark.parametrize("kw", [dict(ffn="inf", use_kernel="on"), dict(ffn="inf", use_kernel="off"),
                                 dict(ffn="inf_deep", use_kernel="off", gate="pre", router_mix=2,
-                                     router_depth=2)],
+                                     router_depth=2),
+                                dict(ffn="inf", mask_block=16, router_mix=2)],
                          ids=str)
 def test_torch_compile_is_one_graph_and_matches_eager(monkeypatch, kw):
     # The kernel is a custom op (forward, backward) with fake versions and its autograd; the PyTorch
     # path's selection (a flag-guarded matmul, numpy's partition) is custom ops too, so the path and
-    # its hand-written backward are traced. Either way: no graph break, and AOTAutograd (the
-    # aot_eager backend) gives eager's loss and gradients. `on` never self-checks.
+    # its hand-written backward are traced; the block path is two custom ops whose saved rows have
+    # a data-dependent count. Either way: no graph break, and AOTAutograd (the aot_eager backend)
+    # gives eager's loss and gradients. `on` never self-checks.
     monkeypatch.setattr(kernel, "_self_check",
                         lambda *a: pytest.fail("use_kernel=on ran the self-check"))
     torch._dynamo.reset()
@@ -3128,6 +3413,32 @@ def test_kernel_benchmark_runs_on_the_cpu(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_block_benchmark_runs_on_the_cpu(monkeypatch, capsys):
+    # `python bench.py --blocks` at a toy shape, in this process: every row, the share of blocks
+    # kept and the activation memory against dense FFNs of width d_ff = 128 (pre-activation and
+    # activation: 65,536 B) and 4d = 64 (32,768 B) worked out by hand. At K = 1, r = 25% each of
+    # the 64 tokens keeps one block of 32 units: the grouped rows keep pre (64 x 32 x 4 B), each
+    # row's mask value (4 B), token (8 B) and pair indices (16 B), and the keep bits (64 x 4 B):
+    # 10,240 B, 0.16 and 0.31
+    monkeypatch.setattr(kernel, "INTERPRET", False)  # the block path runs no Triton
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--blocks", "--tokens=64", "--d=16",
+                                      "--d_ff=128", "--d_z=8", "--ks=1,2", "--rates=25",
+                                      "--block_sizes=32,64", "--reps=1", "--gemm=grouped,bmm",
+                                      "--system_malloc"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| FFN")]
+    blocks = lambda K: [[f"∞-MoE, blocks ({g})", str(b), K, "25%"]  # noqa: E731
+                        for b in (32, 64) for g in ("grouped", "bmm")]
+    dense = [["dense, width 128", "", "", ""], ["dense, width 64", "", "", ""]]
+    assert [r[:4] for r in rows] == [*dense, ["∞-MoE, units", "1", "1", "25%"], *blocks("1"),
+                                     ["∞-MoE, units", "1", "2", "25%"], *blocks("2")]
+    assert [r[-2:] for r in rows[:3]] == [["1.00", "2.00"], ["0.50", "1.00"], ["1.12", "2.25"]]
+    assert rows[3][4] == "0.250" and rows[3][-2:] == ["0.16", "0.31"]  # K = 1, b = 32, grouped
+    assert all(float(r[4]) > 0.25 for r in rows[-4:])  # K = 2: the union of two masks
+
+
 # ====================================================================== compare.py
 
 def fake_compare_run(root, name, ffn, seed, curve, tok_s=None):
@@ -3211,6 +3522,27 @@ def test_compare_reads_what_it_can_and_names_what_it_cannot(tmp_path, capsys):
         prepare_fineweb.run_main(lambda: compare.main(["--runs_dir", str(tmp_path)]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and str(tmp_path / "top2-s1337") in err
+
+
+def test_compare_grid_has_the_block_masks_with_three_seeds(tmp_path, capsys):
+    runs = [r for r in compare.grid() if "--mask_block" in r[1]]
+    assert [(r[1], r[2], r[3]) for r in runs] == [
+        (f"--ffn=inf --mask_block={b}", seed, f"inf-mask_block_{b}-s{seed}")
+        for b in (64, 256) for seed in (1337, 1338, 1339)]
+    for seed, loads in ((1337, [1.5, 2.0]), (1338, [2.5, 3.0])):  # two of them finished
+        out = tmp_path / f"inf-mask_block_64-s{seed}"
+        out.mkdir()
+        records = [{"step": 0, "val_loss": 11.0}, {"step": 190, "loss": 7.0, "tokens_per_s": 9.0,
+                                                   "block_load": loads},
+                   {"step": 200, "val_loss": 6.5}]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        infra.save_checkpoint(str(out / "ckpt.pt"), {
+            "model_args": dataclasses.asdict(tiny("inf", mask_block=64)), "iter_num": 200,
+            "config": {"max_iters": 200}})
+    compare.main(["--runs_dir", str(tmp_path), "--plot", str(tmp_path / "p.png")])
+    printed = capsys.readouterr().out
+    assert "| inf, blocks of 64 (16 blocks) | `--ffn=inf --mask_block=64` | 2 | 6.5000" in printed
+    assert "(busiest block / mean, per layer, mean of the seeds): 2.00 / 2.50" in printed
 
 
 # ====================================================================== README.md

@@ -357,6 +357,8 @@ def log_line(record, max_iters, eta):
     for key in ("lb_loss", "z_loss", "entropy", "sigma", "active"):
         if key in r:
             line += f", {key} {r[key]:.4g}"
+    if "block_load" in r:  # one value per layer
+        line += ", block_load " + "/".join(f"{v:.2f}" for v in r["block_load"])
     return line
 
 
