@@ -1,5 +1,6 @@
 """
-Measures the ∞-MoE FFN's fast paths (kernel.py), the way nanoGPT's bench.py measures its model:
+Measures the ∞-MoE FFN's fast paths (fastpath.py, kernel.py), the way nanoGPT's bench.py
+measures its model:
 
   python bench.py                   # latency and memory against dense FFNs of width d_ff and 4d:
                                     # the PyTorch path on any device, the Triton kernel on CUDA
@@ -24,6 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+import fastpath
 import kernel
 from model import keep_count
 from prepare_fineweb import ArgumentParser, run_main
@@ -151,8 +153,8 @@ def accuracy(x, ffn, W_z, dy, N, d_z, leaf):
     dt = x.dtype
     res = {}
     for name, fn, dtype in (("kernel", kernel.triton_inf_ffn, dt),
-                            ("PyTorch path", kernel.fast_inf_ffn, dt),
-                            ("fp32", kernel.fast_inf_ffn, torch.float32)):
+                            ("PyTorch path", fastpath.fast_inf_ffn, dt),
+                            ("fp32", fastpath.fast_inf_ffn, torch.float32)):
         ins = [t.detach().to(dtype if t.dtype == dt else t.dtype).requires_grad_()
                for t in (x, *ffn, W_z, z)]
         y = fn(*ins, 0.25)[0]
@@ -198,10 +200,10 @@ def benchmark(args):
     W_z = leaf(d_ff, d_z, std=d_z ** -0.5, dt=torch.float32)
 
     dense = dense_ffn
-    paths = {"PyTorch": kernel.fast_inf_ffn}
+    paths = {"PyTorch": fastpath.fast_inf_ffn}
     if args.compile:  # the first call of each compiles (minutes on a CPU); timing starts after
         dense = torch.compile(dense_ffn, dynamic=False)
-        paths = {"PyTorch, compiled": torch.compile(kernel.fast_inf_ffn, dynamic=False)}
+        paths = {"PyTorch, compiled": torch.compile(fastpath.fast_inf_ffn, dynamic=False)}
     if cuda:
         paths["Triton"] = kernel.triton_inf_ffn
         accuracy(x, ffn, W_z, dy, N, d_z, leaf)
@@ -288,19 +290,19 @@ def block_accuracy(x, ffn, W_z, dy, leaf, N, d_z):
     for gemm, dt in (("auto", x.dtype), ("bmm", torch.float32)):
         ins = [t.detach().to(dt if t.dtype == x.dtype else t.dtype).requires_grad_()
                for t in (x, *ffn, W_z, z)]
-        y = kernel.block_inf_ffn(*ins, 0.25, gemm=gemm)[0]
+        y = fastpath.block_inf_ffn(*ins, 0.25, gemm=gemm)[0]
         y.backward(dy.to(dt))
         res.append([y.detach()] + [t.grad for t in ins])
     rel = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(*res)]
     b = len(ffn[0]) // len(W_z)
-    print(f"relative error, b={b} K=2 r=25%, {kernel._gemm(x, 'auto', b)} "
+    print(f"relative error, b={b} K=2 r=25%, {fastpath._gemm(x, 'auto', b)} "
           f"{str(x.dtype)[6:]} against bmm fp32: " + " ".join(
               f"{n} {e:.1e}" for n, e in zip(["y", "dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"],
                                              rel)))
 
 
 def block_benchmark(args):
-    """`python bench.py --blocks`: the block path (kernel.block_inf_ffn: mask_block = b, only the
+    """`python bench.py --blocks`: the block path (fastpath.block_inf_ffn: mask_block = b, only the
     kept blocks computed) for each b, K and r, next to dense FFNs of width d_ff and 4d and the
     unit-level path (fast_inf_ffn): latency, activation memory, and the share of blocks kept
     (the union of the K masks, which the cost follows)."""
@@ -308,7 +310,7 @@ def block_benchmark(args):
     d, d_ff, d_z = args.d, args.d_ff, args.d_z
     ks, rates = args.ks or [1, 2], args.rates or [12.5, 25]
     sizes = [256] if args.quick else args.block_sizes
-    layouts = {b: {kernel._gemm(x, g, b): g for g in args.gemm} for b in sizes}
+    layouts = {b: {fastpath._gemm(x, g, b): g for g in args.gemm} for b in sizes}
     reps = args.reps or (50 if cuda else 3)
     cases = {("dense", d_ff, "", 0, 0): (dense_ffn, (x, *ffn)),
              ("dense", 4 * d, "", 0, 0): (dense_ffn, (x, leaf(4 * d, d), leaf(4 * d),
@@ -317,10 +319,10 @@ def block_benchmark(args):
     for K in ks:
         z = leaf(K, N, d_z, std=1.0, dt=torch.float32)
         for r in rates:
-            cases["units", 1, "", K, r] = (kernel.fast_inf_ffn, (x, *ffn, W_z[1], z, r / 100))
+            cases["units", 1, "", K, r] = (fastpath.fast_inf_ffn, (x, *ffn, W_z[1], z, r / 100))
             for b in sizes:
                 for name, gemm in layouts[b].items():  # "auto" under the name it resolves to
-                    cases["blocks", b, name, K, r] = (partial(kernel.block_inf_ffn, gemm=gemm),
+                    cases["blocks", b, name, K, r] = (partial(fastpath.block_inf_ffn, gemm=gemm),
                                                       (x, *ffn, W_z[b], z, r / 100))
     block_accuracy(x, ffn, W_z[sizes[0]], dy, leaf, N, d_z)
     rounds = {}
@@ -604,7 +606,7 @@ def main(argv=None):
     if argv == ["--params"]:
         return params_and_memory()
     p = ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
-                       "of width d_ff and 4d: the PyTorch path (kernel.fast_inf_ffn) on any "
+                       "of width d_ff and 4d: the PyTorch path (fastpath.fast_inf_ffn) on any "
                        "device, the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, "
                        "fp32 on the CPU.")
     p.add_argument("--tokens", type=integers(1, one=True), default=None,
@@ -619,7 +621,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="only K=2, r=25%%, shorter timing "
                    "(--blocks: only b=256)")
     p.add_argument("--blocks", action="store_true", help="time the block path "
-                   "(kernel.block_inf_ffn, mask_block=b) against dense FFNs and the unit-level "
+                   "(fastpath.block_inf_ffn, mask_block=b) against dense FFNs and the unit-level "
                    "path")
     p.add_argument("--block_sizes", default=[64, 128, 256, 512], type=integers(1),
                    help="--blocks: units per block b (default 64,128,256,512)")

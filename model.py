@@ -12,7 +12,8 @@ Reading order: the config, attention, the dense FFN, then ∞-MoE: `inf_ffn` sta
 paper's equations, `InfMoE` is the layer (router, K samples of z, that FFN). Then switch/top2 and
 GPT itself. Below GPT, optional reading: the flags for the paper's open directions (a deeper router,
 a mixture-of-Gaussians router, the mask before the activation, inf_deep). The fast paths of the
-∞-MoE FFN live in kernel.py; infra.py reads GPT-2 and our checkpoints.
+∞-MoE FFN live in fastpath.py (PyTorch) and kernel.py (Triton); infra.py reads GPT-2 and our
+checkpoints.
 
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
@@ -199,12 +200,12 @@ def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     expert f(x, z_k) = W2 (GELU(W1 x + b1) ⊙ mask_k) + b2; the output is their mean. Returns y
     and two routing statistics: counts (d_ff,), how many (token, sample) pairs kept each hidden
     unit, and n_active, the non-zeros of the mean mask. This is the definition, not a fast path:
-    it keeps K masks for backward. kernel.py computes the same function fast.
+    it keeps K masks for backward. fastpath.py and kernel.py compute the same function fast.
 
     The block mask (GPTConfig.mask_block = b; beyond the paper, the open problem of its Sec. 6.4):
     W_z has d_ff / b rows, so m_k scores d_ff / b blocks of b consecutive units; a sample keeps
     the top r of the blocks at their values, and unit j gets the value of block j // b. counts
-    and n_active then count blocks. A token needs only its kept blocks: kernel.block_inf_ffn
+    and n_active then count blocks. A token needs only its kept blocks: fastpath.block_inf_ffn
     computes nothing else. b = 1 is the paper's mask.
     """
     b = W1.shape[0] // W_z.shape[0]                     # units per block of the mask
@@ -220,7 +221,7 @@ def inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
         y = y + F.linear(h * mask_units.to(h.dtype), W2, b2)  # the expert f(x, z_k)
         masks, counts = masks + mask.detach(), counts + keep.sum(0)
     # Since the mask multiplies the activation, the mean over k moves inside W2:
-    # y = W2 (h ⊙ M) + b2 with M = (1/K) sum_k mask_k, one pass whatever K. kernel.py uses that.
+    # y = W2 (h ⊙ M) + b2 with M = (1/K) sum_k mask_k, one pass whatever K. The fast paths use that.
     return y / len(z), counts.float(), (masks != 0).sum().float()
 
 
@@ -311,7 +312,7 @@ class InfMoE(nn.Module):
         return y.view(shape)
 
     def masked_ffn(self, x, z):
-        """inf_ffn's y = W2 (GELU(W1 x + b1) ⊙ M) + b2, computed by one of kernel.py's fast paths:
+        """inf_ffn's y = W2 (GELU(W1 x + b1) ⊙ M) + b2, computed by one of the fast paths:
         the block path (mask_block > 1), the Triton kernel or the PyTorch one. gate=pre puts the
         mask inside GELU, which does not commute with the mean over samples: one pass per sample
         (optional part below)."""
@@ -319,9 +320,13 @@ class InfMoE(nn.Module):
             self.without_kernel(x, "gate=pre")
             return inf_ffn_per_sample(x, [self.W1, self.W2], [self.W_z], z,
                                       [self.config.top_frac], True)
-        import kernel  # here, not at the top: model.py reads (and imports) without the fast paths
-        ffn = (kernel.block_inf_ffn if self.config.mask_block > 1  # computes only the kept blocks
-               else kernel.triton_inf_ffn if self.use_kernel(x) else kernel.fast_inf_ffn)
+        import fastpath  # here, not at the top: model.py reads (and imports) without the fast paths
+        if self.config.mask_block > 1:
+            ffn = fastpath.block_inf_ffn  # computes only the kept blocks
+        elif self.use_kernel(x):
+            from kernel import triton_inf_ffn as ffn
+        else:
+            ffn = fastpath.fast_inf_ffn
         dt, W1, W2 = x.dtype, self.W1, self.W2
         b1 = None if W1.bias is None else W1.bias.to(dt)
         b2 = None if W2.bias is None else W2.bias.to(dt)
@@ -679,7 +684,7 @@ def inf_ffn_per_sample(x, layers, W_zs, z, top_fracs, pre_gate):
     n_active (the non-zeros of the union of the masks), detached, as inf_ffn. Keeps K * L (N, d_ff)
     tensors for backward: the price of a mask that cannot be averaged first.
     """
-    from kernel import row_threshold, selection_scores  # the scores in IEEE fp32, as InfMoE's
+    from fastpath import row_threshold, selection_scores  # the scores in IEEE fp32, as InfMoE's
     *hidden, out = layers
     counts = [torch.zeros(W_z.shape[0], device=x.device) for W_z in W_zs]
     union = [torch.zeros(x.shape[0], W_z.shape[0], dtype=torch.bool, device=x.device)

@@ -30,6 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import bench
 import compare
+import fastpath
 import infra
 import kernel
 import prepare_fineweb
@@ -37,7 +38,7 @@ import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
 from infra import UsageError, from_pretrained, load_checkpoint
-from kernel import averaged_topk_mask, fast_inf_ffn, selection_scores
+from fastpath import averaged_topk_mask, fast_inf_ffn, selection_scores
 from model import GPT, GPTConfig, InfMoE, expected_mask_value, inf_ffn
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths, write_shard)
@@ -2293,7 +2294,7 @@ def test_a_parquet_of_numbers_and_a_blank_txt_are_refused(tmp_path):
     assert "blank.txt: no documents" in msg and not (tmp_path / "out").exists()
 
 
-# ====================================================================== kernel.py
+# ====================================================================== fastpath.py
 
 # ---- the fast PyTorch path (fast_inf_ffn) and its selection ops
 
@@ -2460,7 +2461,7 @@ def dense_block_masked_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
 
 
 def block_path(gemm):
-    return lambda *args: kernel.block_inf_ffn(*args, gemm=gemm)
+    return lambda *args: fastpath.block_inf_ffn(*args, gemm=gemm)
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
@@ -2508,7 +2509,7 @@ def test_block_path_gradcheck_float64():
     inp["W_z"] = inp["W_z"].detach().double().requires_grad_()
     inp["z"] = inp["z"].detach().double().requires_grad_()
     args = [inp[k] for k in ("x", "W1", "b1", "W2", "b2", "W_z", "z")]
-    assert torch.autograd.gradcheck(lambda *a: kernel.block_inf_ffn(*a, 0.5, gemm="bmm")[0], args)
+    assert torch.autograd.gradcheck(lambda *a: fastpath.block_inf_ffn(*a, 0.5, gemm="bmm")[0], args)
 
 
 class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -2560,9 +2561,9 @@ def test_inductor_gives_the_block_path_eager_values_and_memory():
     torch._dynamo.reset()
     inp = make_inputs(N=64, d=16, d_ff=128, d_z=8, K=2, bias=True, seed=4, block=16)
     dy = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
-    compiled = torch.compile(kernel.block_inf_ffn, dynamic=False)
+    compiled = torch.compile(fastpath.block_inf_ffn, dynamic=False)
     (y, counts, n_active, grads), (y0, counts0, n_active0, grads0) = (
-        run(compiled, inp, 0.25, dy), run(kernel.block_inf_ffn, inp, 0.25, dy))
+        run(compiled, inp, 0.25, dy), run(fastpath.block_inf_ffn, inp, 0.25, dy))
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
     assert torch.equal(counts, counts0) and n_active.item() == n_active0.item()
     for name in grads0:
@@ -2570,7 +2571,7 @@ def test_inductor_gives_the_block_path_eager_values_and_memory():
                                    msg=lambda m: f"{name}: {m}")
     kept = sum(saved_for_backward(compiled, inp).values())
     torch._dynamo.reset()
-    assert kept == sum(saved_for_backward(kernel.block_inf_ffn, inp).values())
+    assert kept == sum(saved_for_backward(fastpath.block_inf_ffn, inp).values())
 
 
 @pytest.mark.parametrize("G,b,d,rows", [(24, 256, 768, 4000), (8, 16, 16, 40)])
@@ -2582,15 +2583,15 @@ def test_block_path_grouped_gemms_pass_the_cuda_checks(G, b, d, rows):
     W1, W2 = torch.empty(G * b, d, **meta), torch.empty(d, G * b, **meta)
     x, h, ends = torch.empty(rows, d, **meta), torch.empty(rows, b, **meta), torch.empty(
         G, dtype=torch.int32, device="meta")
-    W1g_t, W2g_t, W2g, W1g = kernel._block_weights(W1, W2, G)
-    assert kernel._gmm(x, W1g_t, ends, torch.empty(G * b, **meta), torch.zeros(
+    W1g_t, W2g_t, W2g, W1g = fastpath._block_weights(W1, W2, G)
+    assert fastpath._gmm(x, W1g_t, ends, torch.empty(G * b, **meta), torch.zeros(
         rows, dtype=torch.int64, device="meta")).shape == (rows, b)
-    assert kernel._gmm(h, W2g_t, ends).shape == kernel._gmm(h, W1g, ends).shape == (rows, d)
-    assert kernel._gmm(x, W2g, ends).shape == (rows, b)
-    assert kernel._gmm_t(x, h, ends, G).shape == (G, d, b)
-    assert kernel._gmm_t(h, x, ends, G).shape == (G, b, d)
+    assert fastpath._gmm(h, W2g_t, ends).shape == fastpath._gmm(h, W1g, ends).shape == (rows, d)
+    assert fastpath._gmm(x, W2g, ends).shape == (rows, b)
+    assert fastpath._gmm_t(x, h, ends, G).shape == (G, d, b)
+    assert fastpath._gmm_t(h, x, ends, G).shape == (G, b, d)
     with pytest.raises(RuntimeError, match="16 bytes"):  # the check bites: a 12-byte stride
-        kernel._gmm(torch.empty(rows, 6, **meta), torch.empty(G, 6, b, **meta), ends)
+        fastpath._gmm(torch.empty(rows, 6, **meta), torch.empty(G, 6, b, **meta), ends)
 
 
 def test_block_path_picks_grouped_mm_where_it_is_one_kernel(monkeypatch):
@@ -2602,14 +2603,16 @@ def test_block_path_picks_grouped_mm_where_it_is_one_kernel(monkeypatch):
     gpu = lambda dev, dt, d=768: SimpleNamespace(is_cuda=True, device=dev, dtype=dt,  # noqa: E731
                                                  shape=(64, d))
     bf16, f32 = torch.bfloat16, torch.float32
-    assert [kernel._gemm(gpu(dev, dt), "auto", 256) for dev in caps for dt in (bf16, f32)] == [
+    assert [fastpath._gemm(gpu(dev, dt), "auto", 256) for dev in caps for dt in (bf16, f32)] == [
         "bmm", "bmm", "grouped", "bmm", "grouped", "bmm", "bmm", "bmm"]
-    assert kernel._gemm(gpu("cuda:1", bf16, d=20), "auto", 256) == "bmm"
-    assert kernel._gemm(gpu("cuda:1", bf16), "auto", 4) == "bmm"
-    assert kernel._gemm(torch.zeros(5, 16), "auto", 8) == "grouped"
-    assert kernel._gemm(torch.zeros(5, 16), "auto", 2) == "bmm"
-    assert kernel._gemm(gpu("cuda:1", bf16), "bmm", 256) == "bmm"
+    assert fastpath._gemm(gpu("cuda:1", bf16, d=20), "auto", 256) == "bmm"
+    assert fastpath._gemm(gpu("cuda:1", bf16), "auto", 4) == "bmm"
+    assert fastpath._gemm(torch.zeros(5, 16), "auto", 8) == "grouped"
+    assert fastpath._gemm(torch.zeros(5, 16), "auto", 2) == "bmm"
+    assert fastpath._gemm(gpu("cuda:1", bf16), "bmm", 256) == "bmm"
 
+
+# ====================================================================== kernel.py
 
 # ---- the Triton kernels (triton_inf_ffn) against the PyTorch path
 
@@ -2929,8 +2932,8 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
     examples = load_hellaswag(str(path))
     assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
     net = tiny_model("inf", vocab_size=V, block_size=64)
-    seen_K, real = [], kernel.fast_inf_ffn
-    monkeypatch.setattr(kernel, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
+    seen_K, real = [], fastpath.fast_inf_ffn
+    monkeypatch.setattr(fastpath, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
     enc = get_tokenizer()
     for K, deterministic in ((4, False), (2, True)):
         net.set_sampling(z_samples=K, z_deterministic=deterministic)
