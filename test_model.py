@@ -2933,7 +2933,8 @@ def test_inf_sampling_knobs(tmp_path, monkeypatch):
     assert len(examples) == 6 and len(load_hellaswag(str(path), limit=2)) == 2
     net = tiny_model("inf", vocab_size=V, block_size=64)
     seen_K, real = [], fastpath.fast_inf_ffn
-    monkeypatch.setattr(fastpath, "fast_inf_ffn", lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
+    monkeypatch.setattr(fastpath, "fast_inf_ffn",
+                        lambda *a: seen_K.append(a[6].shape[0]) or real(*a))
     enc = get_tokenizer()
     for K, deterministic in ((4, False), (2, True)):
         net.set_sampling(z_samples=K, z_deterministic=deterministic)
