@@ -442,13 +442,16 @@ class TopKMoE(nn.Module):
 
         dt = compute_dtype(x)
         xs = x[token].to(dt)
+        # each row's expert bias as a one-hot product, not b[e_sorted]: an index's gradient adds
+        # the rows of an expert in thread order on the CPU, so runs would differ in the last bits
+        one_hot = F.one_hot(e_sorted, E).to(dt) if self.b1 is not None else None
         h = F.grouped_mm(xs, self.W1.to(dt), offs=offs)
         if self.b1 is not None:
-            h = h + self.b1.to(dt)[e_sorted]
+            h = h + one_hot @ self.b1.to(dt)
         out = F.grouped_mm(F.gelu(h, approximate=self.config.gelu_approx), self.W2.to(dt),
                            offs=offs)
         if self.b2 is not None:
-            out = out + self.b2.to(dt)[e_sorted]
+            out = out + one_hot @ self.b2.to(dt)
         out = out * top_p.flatten()[order, None].to(dt)
         y = torch.zeros_like(x, dtype=dt).index_add_(0, token, out)
 

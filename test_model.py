@@ -669,6 +669,38 @@ def test_moe_drops_no_token():
     torch.testing.assert_close(layer.stats["load"], torch.tensor([1.0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("ffn", ["switch", "top2"])
+def test_moe_bias_gradients_are_exact_and_the_same_every_time(ffn):
+    """db1, db2 are each expert's sum over its rows (by hand, in float64), and bit for bit the same
+    on every backward: an indexed bias would sum an expert's rows in thread order on the CPU."""
+    torch.manual_seed(0)
+    layer = tiny_model(ffn, n_embd=64, n_head=2).transformer.h[0].mlp
+    with torch.no_grad():
+        for b in (layer.b1, layer.b2):
+            b.normal_(0, 0.1)
+    x, dy = torch.randn(1024, 64), torch.randn(1024, 64)
+    layer(x).backward(dy)
+    W1, b1, W2 = (t.detach().double() for t in (layer.W1, layer.b1, layer.W2))
+    p = F.linear(x, layer.W_r.weight).softmax(-1).detach()
+    top_p, top_e = p.topk(layer.experts_per_token(), dim=-1)
+    if layer.renormalise:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    db1, db2 = torch.zeros_like(b1), torch.zeros_like(layer.b2, dtype=torch.float64)
+    for w, e in zip(top_p.t(), top_e.t()):  # each token's j-th expert, all tokens at once
+        pre = (torch.einsum("nd,ndf->nf", x.double(), W1[e]) + b1[e]).requires_grad_()
+        F.gelu(pre).sum().backward()  # pre.grad = GELU'(pre)
+        g = w.double()[:, None] * dy.double()
+        db2.index_add_(0, e, g)
+        db1.index_add_(0, e, torch.einsum("nd,nfd->nf", g, W2[e]) * pre.grad)
+    torch.testing.assert_close(layer.b1.grad.double(), db1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.b2.grad.double(), db2, rtol=1e-4, atol=1e-5)
+    seen = set()
+    for _ in range(25):
+        layer.zero_grad()
+        layer(x).backward(dy)
+        seen.add(layer.b1.grad.numpy().tobytes() + layer.b2.grad.numpy().tobytes())
+    assert len(seen) == 1
+
 # ---- the variant flags: router depth and mixture, gate, inf_deep, aux-loss-free balancing
 
 def index_mask(scores, r):
