@@ -9,7 +9,6 @@ exit with status 2 (prepare_fineweb.run_main: every script's exit statuses).
 """
 import ast
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import inspect
@@ -28,7 +27,8 @@ import torch.distributed as dist
 
 from model import (GPT, INFERENCE_KNOBS, GPTConfig, check_upcycle, in_range, range_words,
                    upcycle)
-from prepare_fineweb import replacing
+from prepare_fineweb import DataError, replacing
+from prepare_fineweb import lock_out_dir as lock_dir
 
 
 class UsageError(ValueError):
@@ -125,25 +125,34 @@ def usage(doc, *configs):
 # ----------------------------------------------------------------------------- device and processes
 
 def pick_device(name):
-    """torch.device for --device ("" picks cuda when available, else cpu); refused if absent."""
+    """torch.device for --device ("" picks cuda when available, else cpu; mps only when asked:
+    no one ran this code on a Mac); refused if absent."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device={name}: expected cpu, cuda or cuda:N")
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device={name}: expected cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device={name}: no CUDA device here (torch {torch.__version__}); "
                          f"use --device=cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device={name}: no MPS device here (torch {torch.__version__}; MPS "
+                         f"needs Apple silicon, macOS 12.3+ and torch's macOS build); use "
+                         f"--device=cpu")
+    if device.type == "mps" and device.index:
+        raise UsageError(f"--device={name}: a Mac has one MPS device, --device=mps")
     return device
 
 
 def kernel_runs_here(device):
     """Can use_kernel=on run on device: Triton's kernels need CUDA, or Triton's CPU interpreter
-    (TRITON_INTERPRET=1, as the tests run them)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    (TRITON_INTERPRET=1, as the tests run them; CPU tensors only). Not MPS: Triton has no Metal
+    backend."""
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def check_kernel(use_kernel, device):
@@ -153,10 +162,11 @@ def check_kernel(use_kernel, device):
 
 
 def device_memory(device):
-    """Bytes of memory device has in all, or None where that is not known."""
+    """Bytes of memory device has in all, or None where that is not known. MPS shares the
+    machine's memory with the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    if device.type != "cpu":
+    if device.type not in ("cpu", "mps"):
         return None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -188,20 +198,31 @@ def check_memory(model_args, batch_size, device, training):
                          f"smaller")
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+
+
 def check_dtype(dtype):
-    if dtype == "float16":
-        raise UsageError("--dtype=float16: not supported (it would need a loss scaler); use "
-                         "bfloat16 or float32")
-    if dtype not in ("", "bfloat16", "float32"):
-        raise UsageError(f"--dtype={dtype}: expected bfloat16 or float32")
+    if dtype not in ("", *DTYPES):
+        raise UsageError(f"--dtype={dtype}: expected bfloat16, float16 or float32")
+
+
+def default_dtype(device):
+    """--dtype="": bfloat16 on a CUDA GPU with bf16 tensor cores (compute capability 8.0+: A100,
+    RTX 30xx and later), float16 on older ones (T4, V100: torch only emulates bf16 there, slowly),
+    float32 on the CPU and on MPS (whose bf16 needs macOS 14)."""
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
 
 
 def autocast(device, dtype):
-    """(dtype name, context to run the model in) for --dtype on device: "" picks bfloat16 on CUDA
-    and float32 elsewhere; bfloat16 is autocast, float32 plain."""
-    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    on = dtype == "bfloat16"
-    return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+    """(dtype name, context to run the model in) for --dtype on device ("": default_dtype):
+    bfloat16 and float16 are autocast, float32 plain. float16 training also needs a loss scaler
+    (train.py's GradScaler); evaluation and sampling do not."""
+    dtype = dtype or default_dtype(device)
+    if dtype == "float32":
+        return dtype, nullcontext()
+    return dtype, torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 Process = namedtuple("Process", "ddp rank local_rank world master device dtype ctx")
@@ -561,21 +582,12 @@ def from_pretrained(source, overrides=None, weights=None):
 # ----------------------------------------------------------------------------- out_dir
 
 def lock_out_dir(out_dir):
-    """An exclusive flock on out_dir/.lock, held while the returned file is open: a second run into
-    the same out_dir is refused, and the kernel drops the lock when a run ends, even by SIGKILL."""
-    f = open(os.path.join(out_dir, ".lock"), "a+")
+    """prepare_fineweb.lock_out_dir's lock on out_dir/.lock (filelock: any OS), held until its
+    release(): a second run into the same out_dir is refused, with a UsageError."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise UsageError(f"--out_dir={out_dir} is in use by another run (pid {holder}): wait for "
-                         f"it to end, or choose another --out_dir") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+        return lock_dir(out_dir, option="--out_dir=")
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def prepare_out_dir(cfg, ckpt):
@@ -623,7 +635,7 @@ def prepare_out_dir(cfg, ckpt):
                 f.writelines(keep)
         return lock
     except BaseException:
-        lock.close()
+        lock.release()
         raise
 
 
@@ -637,6 +649,8 @@ def rng_states(device, ddp):
     """Every rank's RNG state (ranks draw different ∞-MoE noise), gathered for the checkpoint."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     state = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     if not ddp:
         return [state]
     states = [None] * dist.get_world_size()
@@ -648,6 +662,16 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def fork_rng(device):
+    """torch.random.fork_rng of the CPU's generator and device's own (CUDA's, MPS's): what runs
+    inside leaves the random numbers of what runs after unchanged."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 # Evaluation's ∞-MoE noise comes from a counter-based generator: every number is a hash of its

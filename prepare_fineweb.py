@@ -461,19 +461,25 @@ def intact(out_dir, shards):
         good.append(s)
     return good
 
-def lock_out_dir(out_dir):
+def lock_out_dir(out_dir, option="--out_dir "):
     """Hold out_dir/.lock while this run writes there (filelock: flock on POSIX, LockFileEx on
     Windows): a second run into out_dir is refused, and the lock ends with the process, however it
-    ends. Returns the held lock."""
+    ends. Returns the held lock. option: how the error names the directory (train.py's
+    "--out_dir="). The one lock of every script that writes an out_dir (infra.lock_out_dir).
+
+    Where the OS has neither lock, filelock falls back to a lock file's existence (SoftFileLock),
+    which a killed run can leave behind: the error then says to delete it."""
     lock = filelock.FileLock(os.path.join(out_dir, LOCK), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
-        raise DataError(f"--out_dir {out_dir} is in use by another run (it holds "
-                        f"{lock.lock_file}): wait for it to end, or choose another --out_dir"
-                        ) from None
+        stale = (f"; if no run is alive, a killed one left it: delete it"
+                 if isinstance(lock, filelock.SoftFileLock) else "")
+        raise DataError(f"{option}{out_dir} is in use by another run (it holds "
+                        f"{lock.lock_file}{stale}): wait for it to end, or choose another "
+                        f"--out_dir") from None
     except (OSError, NotImplementedError) as e:  # a file system without locks
-        raise DataError(f"--out_dir {out_dir}: cannot lock {lock.lock_file}: {e}") from None
+        raise DataError(f"{option}{out_dir}: cannot lock {lock.lock_file}: {e}") from None
     return lock
 
 def plan(out_dir, settings):

@@ -30,8 +30,8 @@ class SampleConfig:
     temperature: float = 0.8     # divides the logits; 0: greedy (always the most likely token)
     top_k: int = 200             # sample among the k most likely tokens; 0: no top-k filtering
     seed: int = 1337             # of the sampling and the ∞-MoE routing noise
-    device: str = ""             # cpu | cuda | cuda:N; "" picks cuda when available, else cpu
-    dtype: str = ""              # bfloat16 | float32; "" picks bfloat16 on cuda, float32 on cpu
+    device: str = ""             # cpu | cuda | cuda:N | mps; "" picks cuda if available, else cpu
+    dtype: str = ""              # bfloat16 | float16 | float32; "": as train.py's --dtype=""
     z_samples: int = 0           # ∞-MoE K at inference; 0 keeps the checkpoint's
     z_deterministic: bool = False  # ∞-MoE z = mu (no noise); unless given, the checkpoint's setting
     moe_top_k: int = 0           # switch/top2 experts per token; 0 keeps the checkpoint's

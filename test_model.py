@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1."""
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -1020,6 +1022,72 @@ def test_resume_is_exact(shards, tmp_path):
     assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical
 
 
+# ---- float16: a loss scaler (GradScaler), its skipped steps counted
+
+TIMING = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields two identical runs may differ in
+
+
+def scaler_with(monkeypatch, **kw):
+    """train.py's GradScaler built with these settings (init_scale, growth_interval): a scale
+    that overflows on purpose."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, **kw))
+
+
+def test_float16_trains_with_a_loss_scaler(shards, tmp_path, capsys):
+    train.main(tiny_run(shards, tmp_path / "out", "--dtype=float16", "--max_iters=24",
+                        "--eval_interval=24"))
+    log = read_log(tmp_path / "out")
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 1.0
+    assert all(r["skipped"] == 0 for r in log if "loss" in r)  # 2^16, the default scale, fits
+    printed = capsys.readouterr().out
+    assert "on cpu, float16" in printed and "step 24/24: " in printed and ", skipped 0" in printed
+
+
+def test_float16_overflow_skips_the_step_and_counts_it(shards, tmp_path, monkeypatch, capsys):
+    """A loss scale of 2^60 overflows every float16 gradient: no step is taken (the weights are
+    the initial ones, AdamW holds no state), each is counted, and the scale halves each time."""
+    scaler_with(monkeypatch, init_scale=2.0 ** 60)
+    out = tmp_path / "out"
+    train.main(tiny_run(shards, out, "--dtype=float16", "--max_iters=3", "--eval_interval=3"))
+    assert [r["skipped"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
+    assert "step 3/3: " in capsys.readouterr().out.split(", skipped 3")[0]
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["skipped_steps"] == 3 and ckpt["scaler"]["scale"] == 2.0 ** 57
+    assert ckpt["optimizer"]["state"] == {}
+    torch.manual_seed(1337)  # --seed: the run's initial weights
+    initial = GPT(GPTConfig(**ckpt["model_args"])).state_dict()
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in initial.items())
+
+
+def test_float16_resume_is_exact_with_the_scalers_state(shards, tmp_path, monkeypatch):
+    """The scale doubles every 2 good steps until a gradient overflows; the resumed run must
+    continue from the saved scale and growth tracker to skip the same steps."""
+    scaler_with(monkeypatch, init_scale=2.0 ** 19, growth_interval=2)
+    common = ["--dtype=float16", "--eval_interval=4", "--lr_decay_iters=8"]
+    train.main(tiny_run(shards, tmp_path / "a", *common, "--max_iters=8"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=4"))
+    train.main(tiny_run(shards, tmp_path / "b", *common, "--max_iters=8", "--init_from=resume"))
+    full, resumed = ([{k: v for k, v in r.items() if k not in TIMING}
+                      for r in read_log(tmp_path / d)] for d in "ab")
+    skips = {r["step"]: r["skipped"] for r in full if "loss" in r}
+    assert skips[8] > skips[4], "no step skipped after the checkpoint: the test tests nothing"
+    assert resumed == full
+
+
+def test_float16_evaluates_and_samples(shards, tmp_path):
+    out = tmp_path / "out"
+    trained(shards, out)
+    evaluate = lambda *a: train.main(tiny_run(shards, out, "--init_from=resume", "--eval_only",
+                                              *a))["val_loss"]
+    v32, v16 = evaluate(), evaluate("--dtype=float16")
+    assert v16 != v32 and abs(v16 - v32) < 0.02  # float16's rounding, not another model
+    texts = sample.main([f"--out_dir={out}", "--start=!", "--num_samples=1",
+                         "--max_new_tokens=4", "--dtype=float16"])
+    assert texts[0].startswith("!") and len(texts[0]) > 1
+
+
 def test_eval_only_with_k_and_deterministic(shards, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_run(shards, out, "--ffn=inf", "--max_iters=4", "--eval_interval=4"))
@@ -1208,7 +1276,7 @@ def test_bad_train_options_fail_before_building_a_model(shards, tmp_path, monkey
         (["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
         (["--device=cuda"], "--device=cuda: no CUDA device"),
         (["--device=gpu"], "--device=gpu"),
-        (["--dtype=float16"], "--dtype=float16"),
+        (["--dtype=half"], "--dtype=half: expected bfloat16, float16 or float32"),
         (["--init_from=bogus"], "--init_from=bogus"),
         (["--out_dir"], "--out_dir needs a value"),
         (["--preset"], "--preset needs a value"),
@@ -1298,10 +1366,10 @@ def test_scratch_run_never_overwrites_a_checkpoint(shards, tmp_path):
 def test_out_dir_lock_refuses_a_live_run_and_not_a_killed_one(shards, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
-                               "time.sleep(120)",
+    holder = subprocess.Popen([sys.executable, "-c",  # the lock as any filelock user takes it
+                               "import filelock, sys, time; lock = filelock.FileLock("
+                               "sys.argv[1], timeout=0); lock.acquire(); print('held', flush=True)"
+                               "; time.sleep(120)",
                                str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -1501,7 +1569,7 @@ def test_bad_sample_options(tmp_path, no_model):
         (["--temperature=-1"], "--temperature=-1.0: must be >= 0"),
         (["--top_k=-5"], "--top_k=-5"),
         (["--num_samples=0"], "--num_samples=0"),
-        (["--dtype=float16"], "--dtype=float16"),
+        (["--dtype=fp16"], "--dtype=fp16: expected bfloat16, float16 or float32"),
         (["--device=cuda"], "--device=cuda"),
         (["--out_dir"], "--out_dir needs a value"),
         ([f"--start=FILE:{tmp_path}"], f"--start=FILE:{tmp_path}: Is a directory"),
@@ -2844,6 +2912,12 @@ def test_use_kernel_auto_checks_itself_once(monkeypatch):
     with pytest.warns(RuntimeWarning, match="RuntimeError: out of resources: shared memory"):
         assert kernel.kernel_ok("cpu", torch.bfloat16) is False
 
+    # a dtype the check has no tolerance for (float16 on a kernel without it): the PyTorch path,
+    # with the one warning, not a crash of the run that asked
+    monkeypatch.setattr(kernel, "TOLERANCES", {torch.float32: kernel.TOLERANCES[torch.float32]})
+    with pytest.warns(RuntimeWarning, match=r"\(float16, .*no self-check tolerance"):
+        assert kernel.kernel_ok("cpu", torch.float16) is False
+
 
 # ====================================================================== zeroshot.py
 
@@ -3406,6 +3480,125 @@ def test_keyed_normal_is_its_hash_and_a_standard_normal():
              (x, infra.keyed_normal(2, torch.arange(1000), 64, 0, 2, 32).double())]
     for a, b in pairs:
         assert abs(corr(a, b)) < 5e-3
+
+
+# ---- other machines: Apple's MPS, no Triton (macOS, Windows), no fcntl (Windows)
+
+def test_mps_device_and_dtype_with_availability_mocked(shards, tmp_path, monkeypatch, no_model):
+    """No Mac here: torch's answers are mocked. --device=mps is taken where MPS is and refused in
+    one line where not; "" stays cuda-or-cpu; float32 by default; no Triton kernel; one process."""
+    mps = torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=r"^--device=mps: no MPS device here \(torch .*; use "
+                                         r"--device=cpu$"):
+        infra.pick_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert infra.pick_device("mps") == mps and infra.pick_device("mps:0").type == "mps"
+    assert infra.pick_device("") == torch.device("cpu")  # mps only when asked for
+    with pytest.raises(UsageError, match="^--device=mps:1: a Mac has one MPS device"):
+        infra.pick_device("mps:1")
+    with pytest.raises(UsageError, match="^--device=xpu: expected cpu, cuda, cuda:N or mps$"):
+        infra.pick_device("xpu")
+    assert infra.default_dtype(mps) == "float32"
+    dtype, ctx = infra.autocast(mps, "")
+    assert dtype == "float32" and isinstance(ctx, nullcontext)
+    for name in ("float16", "bfloat16"):
+        assert (lambda c: (c.device, c.fast_dtype))(infra.autocast(mps, name)[1]) == (
+            "mps", getattr(torch, name))
+    # the kernel: auto never asks it off CUDA, on is one line (Triton has no Metal backend)
+    monkeypatch.setattr(kernel, "kernel_ok", lambda *a: pytest.fail("auto asked the kernel"))
+    layer = InfMoE(tiny("inf"))
+    assert layer.use_kernel(SimpleNamespace(is_cuda=False, device=mps)) is False
+    assert not infra.kernel_runs_here(mps)  # even under TRITON_INTERPRET=1, as here
+    out = tmp_path / "out"
+    for call in (lambda: train.configure(tiny_run(shards, out, "--device=mps", "--use_kernel=on")),
+                 lambda: sample.main(["--device=mps", "--use_kernel=on"])):
+        with pytest.raises(UsageError, match=r"^--use_kernel=on needs a CUDA device for its "
+                                             r"Triton kernels, not mps; use --use_kernel=off"):
+            call()
+    cfg, model_args, *_ = train.configure(tiny_run(shards, out, "--device=mps", "--dtype=float16"))
+    assert (cfg.device, cfg.dtype, model_args["use_kernel"]) == ("mps", "float16", "auto")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="^--device=mps runs one process: torchrun's 2"):
+        train.configure(tiny_run(shards, out, "--device=mps"))
+    # batches go to the device (meta stands in for mps: a device that is neither cpu nor cuda)
+    x, y = train.ShardLoader(shards, "train", 4, 32).next_batch("meta")
+    assert x.device.type == y.device.type == "meta" and x.shape == (4, 32)
+
+
+def test_default_dtype_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch):
+    """--dtype="" on CUDA: bf16 tensor cores came with compute capability 8.0 (A100); a T4 (7.5)
+    or V100 (7.0) trains in float16. The CPU: float32."""
+    for capability, want in [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"),
+                             ((8, 9), "bfloat16"), ((9, 0), "bfloat16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert infra.default_dtype(torch.device("cuda")) == want, capability
+    assert infra.default_dtype(torch.device("cpu")) == "float32"
+    assert infra.autocast(torch.device("cpu"), "float16")[1].fast_dtype == torch.float16
+
+
+NO_TRITON = "import sys\nsys.modules['triton'] = None  # import triton fails: no wheel off Linux\n"
+# Windows has no fcntl; filelock then warns that it falls back to a lock file (on Windows it has
+# LockFileEx instead): its warning is not the scripts' output
+NO_FCNTL = ("import sys, warnings\nsys.modules['fcntl'] = None\n"
+            "warnings.filterwarnings('ignore', 'only soft file lock')\n")
+RUN_TRAIN = ("import json\nfrom prepare_fineweb import run_main\n"
+             "sys.argv = ['train.py', *json.loads(sys.argv[1])]\nrun_main(train.main)\n")
+
+
+def test_without_triton_the_scripts_train_evaluate_and_sample(shards, tmp_path):
+    """Triton unimportable (no wheel off Linux): every script imports, and training, --eval_only
+    and sample.py run on the PyTorch path."""
+    out = tmp_path / "out"
+    code = NO_TRITON + textwrap.dedent("""
+        import json, bench, compare, kernel, prepare_fineweb, sample, train, zeroshot
+        argv = json.loads(sys.argv[1])
+        train.main(argv + ["--max_iters=2", "--eval_interval=2"])
+        train.main(argv + ["--init_from=resume", "--eval_only"])
+        text = sample.main([f"--out_dir={sys.argv[2]}", "--start=!", "--num_samples=1",
+                            "--max_new_tokens=3"])[0]
+        print(json.dumps({"triton": kernel.triton.__version__, "text": text}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    argv = json.dumps(tiny_run(shards, out, "--ffn=inf"))
+    res = subprocess.run([sys.executable, "-c", code, argv, str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["triton"] is None and got["text"].startswith("!") and len(got["text"]) > 1
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2]
+    assert math.isfinite(read_log(out, "eval.jsonl")[-1]["val_loss"])
+
+
+def test_without_fcntl_the_scripts_import_and_a_run_holds_its_lock(shards, tmp_path):
+    """fcntl unimportable (Windows): train.py, sample.py, compare.py and infra.py import, and a
+    training run holds out_dir's lock: a second run into it is refused with one error line (with
+    --overwrite too: the live run's files stay)."""
+    out = tmp_path / "out"
+    argv = json.dumps(tiny_run(shards, out, "--max_iters=100000", "--eval_interval=100000",
+                               "--overwrite"))
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-c", NO_FCNTL + "import train\n" + RUN_TRAIN,
+                                  argv], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    second = subprocess.Popen(  # imports while the first starts; runs when told
+        [sys.executable, "-c", NO_FCNTL + "import compare, infra, sample, train\n"
+         "sys.stdin.readline()\n" + RUN_TRAIN, argv], cwd=REPO, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:  # the first run trains, holding the lock
+            if line.startswith("step 1/"):
+                break
+        assert first.poll() is None, (tmp_path / "first.err").read_text()
+        _, err = second.communicate("go\n", timeout=600)
+    finally:
+        first.kill()
+        first.wait()
+        second.kill()
+    assert second.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out_dir={out} is in use by another run (it holds "), err
+    assert "if no run is alive, a killed one left it: delete it" in err  # filelock's lock file
+    assert [r["step"] for r in read_log(out)][:2] == [0, 1]
 
 
 # ====================================================================== bench.py

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_kernel, check_memory,
-                   check_ranges, leave_process_group, load_pretrained, pick_device,
-                   prepare_out_dir, pretrained_config, read_flags, reduce_mean, rng_states,
-                   save_checkpoint, set_rng_state, start_process, starting_point, usage)
+                   check_ranges, default_dtype, fork_rng, leave_process_group, load_pretrained,
+                   pick_device, prepare_out_dir, pretrained_config, read_flags, reduce_mean,
+                   rng_states, save_checkpoint, set_rng_state, start_process, starting_point,
+                   usage)
 from model import GPT, INFERENCE_KNOBS, GPTConfig
 from model import RANGES as MODEL_RANGES
 from prepare_fineweb import (HELLASWAG_FILE, REPO_DIR, DataError, canonical_path,
@@ -66,8 +67,8 @@ class TrainConfig:
     beta2: float = 0.95               # AdamW's
     grad_clip: float = 1.0            # clip the gradient's global norm to this; 0: no clipping
     # system
-    device: str = ""                  # cpu | cuda | cuda:N; "" picks cuda when available, else cpu
-    dtype: str = ""                   # bfloat16 | float32; "": bfloat16 on cuda, float32 on cpu
+    device: str = ""                  # cpu | cuda | cuda:N | mps; "": cuda if available, else cpu
+    dtype: str = ""                   # bfloat16|float16|float32; "": cuda bf16 (<sm80: fp16), fp32
     compile: bool = False             # torch.compile the model
     wandb_log: bool = False           # also send the log records to Weights & Biases (pip install)
     wandb_project: str = "inf-moe"    # W&B project
@@ -137,7 +138,7 @@ def main(argv=None):
                          f"{kept}") from None
     finally:
         if lock is not None:
-            lock.close()
+            lock.release()
 
 
 def train(cfg, model_args, ckpt, data_start, source=None):
@@ -155,11 +156,15 @@ def train(cfg, model_args, ckpt, data_start, source=None):
     model.to(proc.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), proc.device.type)
+    # float16's narrow range: the loss is scaled up so that small gradients do not flush to zero,
+    # and a step whose gradients overflowed is skipped (nanoGPT's GradScaler). Off otherwise: a
+    # disabled scaler passes the loss and the step through untouched.
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.dtype == "float16")
     B, T = cfg.batch_size, model.config.block_size
     train_loader = ShardLoader(cfg.data_dir, "train", B, T, proc.rank, proc.world)
     val_loader = ShardLoader(cfg.data_dir, "val", B, T, proc.rank, proc.world)
-    iter_num, best_val, saved_step = resume(ckpt, cfg, model, optimizer, train_loader, data_start,
-                                            proc)
+    iter_num, best_val, saved_step, skipped = resume(ckpt, cfg, model, optimizer, scaler,
+                                                     train_loader, data_start, proc)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -201,19 +206,21 @@ def train(cfg, model_args, ckpt, data_start, source=None):
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                         "model_args": model_args, "config": dataclasses.asdict(cfg),
                         "iter_num": iter_num, "best_val_loss": best_val, "data": data_state,
-                        "rng": rngs})
+                        "rng": rngs, **scaler_state(scaler, skipped)})
                 saved_step = iter_num
             clock.restart()  # tokens/s leaves the evaluation out
         if iter_num >= cfg.max_iters:
             break
 
-        batch, data_state, loss, aux, grad_norm = train_step(model, raw_model, optimizer,
-                                                             train_loader, batch, grad_accum, cfg,
-                                                             proc)
+        batch, data_state, loss, aux, grad_norm, skip = train_step(
+            model, raw_model, optimizer, scaler, train_loader, batch, grad_accum, cfg, proc)
+        if skip is not None:
+            skipped += skip
         iter_num += 1
         clock.tick()
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:  # the host syncs here
-            record, eta = step_record(iter_num, lr, loss, aux, grad_norm, clock, raw_model, proc)
+            record, eta = step_record(iter_num, lr, loss, aux, grad_norm, clock, raw_model, proc,
+                                      skipped)
             stop_unless_finite("training loss", record["loss"], iter_num, saved_step, ckpt_path)
             logger.log(record, log_line(record, cfg.max_iters, eta))
     if proc.ddp:
@@ -223,15 +230,20 @@ def train(cfg, model_args, ckpt, data_start, source=None):
 
 # ----------------------------------------------------------------------------- the loop's parts
 
-def resume(ckpt, cfg, model, optimizer, train_loader, data_start, proc):
-    """Load a checkpoint's weights; to train on, also its optimizer, data position and RNG state.
-    Returns (step, best val loss, the step whose checkpoint is on disk: None if none is)."""
+def resume(ckpt, cfg, model, optimizer, scaler, train_loader, data_start, proc):
+    """Load a checkpoint's weights; to train on, also its optimizer, loss scaler, data position and
+    RNG state. Returns (step, best val loss, the step whose checkpoint is on disk: None if none
+    is, the steps the loss scaler skipped so far: a device tensor, None unless float16)."""
+    skipped = torch.zeros((), device=proc.device) if scaler.is_enabled() else None
     if ckpt is None:
-        return 0, float("inf"), None
+        return 0, float("inf"), None, skipped
     model.load_state_dict(ckpt["model"])
     if cfg.eval_only:
-        return ckpt["iter_num"], ckpt["best_val_loss"], None
+        return ckpt["iter_num"], ckpt["best_val_loss"], None, skipped
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and "scaler" in ckpt:  # a float16 run's (another dtype's has none)
+        scaler.load_state_dict(ckpt["scaler"])
+        skipped += ckpt["skipped_steps"]
     for group in optimizer.param_groups:  # --allow_changes may have given new AdamW settings
         group["betas"] = (cfg.beta1, cfg.beta2)
         group["weight_decay"] = group["weight_decay"] and cfg.weight_decay  # no-decay group: 0
@@ -239,12 +251,21 @@ def resume(ckpt, cfg, model, optimizer, train_loader, data_start, proc):
     if data_start == ckpt["data"]:  # same data, same place: the run continues bit for bit
         rngs = ckpt["rng"]
         set_rng_state(rngs[proc.rank] if proc.rank < len(rngs) else rngs[0], proc.device)
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["iter_num"]
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["iter_num"], skipped
 
 
-def train_step(model, raw_model, optimizer, loader, batch, grad_accum, cfg, proc):
+def scaler_state(scaler, skipped):
+    """The checkpoint's loss-scaler entries: its scale and growth tracker, and the steps it skipped
+    so far (float16 only: a run of another dtype saves what it saved before)."""
+    if not scaler.is_enabled():
+        return {}
+    return {"scaler": scaler.state_dict(), "skipped_steps": int(skipped.item())}
+
+
+def train_step(model, raw_model, optimizer, scaler, loader, batch, grad_accum, cfg, proc):
     """One optimizer step over grad_accum micro-batches, each next batch read while the GPU works.
-    Returns (the next batch, the loader's position at it, summed loss and aux loss, grad norm)."""
+    Returns (the next batch, the loader's position at it, summed loss and aux loss, grad norm,
+    1 if the loss scaler skipped the step else 0: device tensors; the last None unless float16)."""
     x, y = batch
     loss_sum = torch.zeros((), device=proc.device)
     aux_sum = torch.zeros((), device=proc.device)
@@ -257,17 +278,24 @@ def train_step(model, raw_model, optimizer, loader, batch, grad_accum, cfg, proc
         if micro == grad_accum - 1:
             data_state = loader.state()
         x, y = loader.next_batch(proc.device)
-        loss.backward()
+        scaler.scale(loss).backward()
         loss_sum += loss.detach()
         if raw_model.aux_loss is not None:
             aux_sum += raw_model.aux_loss / grad_accum
+    skip = None
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # the true gradients, to clip; inf/NaN ones found
+        # the scaler's own verdict, a device tensor (its public get_scale() would sync): step()
+        # below skips exactly when it is 1
+        skip = sum(scaler._found_inf_per_device(optimizer).values())
     grad_norm = None
     if cfg.grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # optimizer.step(), unless float16 found inf/NaN gradients
+    scaler.update()         # float16: the scale halves after a skip, doubles after 2000 good steps
     raw_model.after_step()  # FFN state updated outside the gradient (aux-loss-free balancing)
     optimizer.zero_grad(set_to_none=True)
-    return (x, y), data_state, loss_sum, aux_sum, grad_norm
+    return (x, y), data_state, loss_sum, aux_sum, grad_norm, skip
 
 
 def evaluation(model, val_loader, cfg, proc, logger, iter_num, extra):
@@ -295,9 +323,10 @@ def describe(model, proc, tokens_per_iter):
             f"{tokens_per_iter:,} tokens per step")
 
 
-def step_record(step, lr, loss, aux, grad_norm, clock, model, proc):
+def step_record(step, lr, loss, aux, grad_norm, clock, model, proc, skipped=None):
     """The log record of a training step (its ETA apart): losses averaged over the processes, the
-    loss without the aux losses (cross-entropy: comparable across FFNs), speed, routing stats."""
+    loss without the aux losses (cross-entropy: comparable across FFNs), speed, routing stats;
+    float16: the steps the loss scaler skipped so far (inf/NaN gradients), in the run."""
     aux_val = reduce_mean(aux, proc.ddp).item()
     loss_val = reduce_mean(loss, proc.ddp).item() - aux_val
     tokens_per_s, elapsed, eta, mfu = clock.read(step)
@@ -307,6 +336,8 @@ def step_record(step, lr, loss, aux, grad_norm, clock, model, proc):
               "elapsed_s": elapsed, **stats_record(model, proc.ddp)}
     if mfu is not None:
         record["mfu"] = mfu
+    if skipped is not None:
+        record["skipped"] = int(skipped.item())
     return record, eta
 
 
@@ -354,6 +385,8 @@ def log_line(record, max_iters, eta):
             f"ETA {hms(eta)}")
     if "mfu" in r:
         line += f", MFU {100 * r['mfu']:.1f}%"
+    if "skipped" in r:
+        line += f", skipped {r['skipped']}"
     for key in ("lb_loss", "z_loss", "entropy", "sigma", "active"):
         if key in r:
             line += f", {key} {r[key]:.4g}"
@@ -435,6 +468,8 @@ class ShardLoader:
             self.reset((self.shard + 1) % len(self.files), 0)
         if torch.device(device).type == "cuda":  # pinned memory: the copy overlaps the GPU's work
             buf = buf.pin_memory().to(device, non_blocking=True)
+        else:
+            buf = buf.to(device)  # on the CPU buf itself
         return buf[:-1].view(B, T), buf[1:].view(B, T)
 
     def state(self):
@@ -458,7 +493,7 @@ def evaluate(model, loader, eval_iters, proc):
     so evaluating never changes the training run's random numbers.
     """
     model.eval()
-    with torch.random.fork_rng(devices=[proc.device] if proc.device.type == "cuda" else []):
+    with fork_rng(proc.device):
         loader.reset()
         losses = torch.zeros(eval_iters // loader.world, device=proc.device)
         for k in range(len(losses)):
@@ -575,13 +610,17 @@ def check_system(cfg, model_args, world):
     device = pick_device(cfg.device)
     if model_args["ffn"] == "inf":
         check_kernel(model_args["use_kernel"], device)
-    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    # torch.compile's shape function for grouped_mm accepts bf16 only; eager float32 runs on the
-    # CPU and on CUDA (there through torch's one-matmul-per-expert fallback: slow, see README)
-    if dtype == "float32" and model_args["ffn"] in ("switch", "top2") and cfg.compile:
+    dtype = cfg.dtype or default_dtype(device)
+    # torch.compile's shape function for grouped_mm accepts bf16 only; eager float32 and float16
+    # run on the CPU and on CUDA (there through torch's one-matmul-per-expert fallback: slow, see
+    # README)
+    if dtype != "bfloat16" and model_args["ffn"] in ("switch", "top2") and cfg.compile:
         raise UsageError(f"--ffn={model_args['ffn']} with --compile needs --dtype=bfloat16: "
-                         f"torch.compile traces grouped_mm in bf16 only (float32 runs without "
+                         f"torch.compile traces grouped_mm in bf16 only ({dtype} runs without "
                          f"--compile)")
+    if device.type == "mps" and world > 1:
+        raise UsageError(f"--device={cfg.device} runs one process: torchrun's {world} processes "
+                         f"need CUDA (or the CPU)")
     if cfg.gradient_accumulation_steps % world and not cfg.eval_only:  # counts all processes'
         raise UsageError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not "
                          f"divisible by the {world} processes")

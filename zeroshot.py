@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from infra import UsageError, autocast, from_pretrained, read_flags, start_process, starting_point
+from infra import (UsageError, autocast, fork_rng, from_pretrained, read_flags, start_process,
+                   starting_point)
 from model import GPTConfig
 from prepare_fineweb import EOT, get_tokenizer, load_hellaswag
 
@@ -124,7 +125,7 @@ def hellaswag_eval(model, examples, device, ctx, batch_examples=8, progress=True
     correct = correct_norm = 0
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with fork_rng(device):
         for i in tqdm(range(0, len(mine), batch_examples), desc="hellaswag", disable=not progress):
             rendered = [render_example(ex, enc, model.config.block_size)
                         for ex in mine[i:i + batch_examples]]
@@ -176,7 +177,7 @@ class HarnessArgs:
     moe_top_k, use_kernel); the harness's own batch_size and device apply."""
     init_from: str = "resume"   # resume (out_dir/ckpt.pt) | a ckpt.pt or out_dir | gpt2* | HF dir
     out_dir: str = "out"        # read by init_from=resume
-    dtype: str = ""             # bfloat16 | float32; "": bfloat16 on cuda, float32 on cpu
+    dtype: str = ""             # bfloat16 | float16 | float32; "": as train.py's --dtype
     seed: int = 1337            # key of the ∞-MoE noise at evaluation (train.py's --seed)
 
 
