@@ -8,6 +8,8 @@ measures its model:
   python bench.py --blocks          # the block mask's path (mask_block = b) against the same
   python bench.py --compile-check   # compile every Triton kernel for sm80-sm90, no GPU needed
   python bench.py --params          # parameters of every FFN, and one layer's activation memory
+  python bench.py --gpu             # one GPU's report: kernel accuracy, speed, GPT-2 training
+                                    # (gpu_report.py; writes gpu_report.md)
 
 On the CPU the times are noisy on a shared machine: compare the ratios, which are measured within
 one run, every case timed once per round.
@@ -605,6 +607,9 @@ def main(argv=None):
         raise SystemExit(1 if compile_check_main(argv) else 0)
     if argv == ["--params"]:
         return params_and_memory()
+    if "--gpu" in argv:
+        import gpu_report  # here: it imports train.py, which the other benchmarks do not need
+        return gpu_report.main(argv)
     p = ArgumentParser(description="Latency and memory of the infinite-MoE FFN against dense FFNs "
                        "of width d_ff and 4d: the PyTorch path (fastpath.fast_inf_ffn) on any "
                        "device, the Triton kernel too on CUDA. GPT-2 Small shape; bf16 on CUDA, "

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import bench
 import compare
 import fastpath
+import gpu_report
 import infra
 import kernel
 import prepare_fineweb
@@ -3666,6 +3668,142 @@ def test_block_benchmark_runs_on_the_cpu(monkeypatch, capsys):
     assert [r[-2:] for r in rows[:3]] == [["1.00", "2.00"], ["0.50", "1.00"], ["1.12", "2.25"]]
     assert rows[3][4] == "0.250" and rows[3][-2:] == ["0.16", "0.31"]  # K = 1, b = 32, grouped
     assert all(float(r[4]) > 0.25 for r in rows[-4:])  # K = 2: the union of two masks
+
+
+# ====================================================================== gpu_report.py
+# `python bench.py --gpu`: its parts on the CPU at a toy shape, the kernel in the interpreter
+
+GPU_TOY = (24, 16, 64, 8)  # N, d, d_ff, d_z
+GPU_TOY_MODEL = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=97, d_z=8)
+
+
+def test_gpu_report_grid_makes_every_score_exact():
+    # on_grid's claim, checked in float64 (exact here: integers far below 2^53): the fp32 scores
+    # equal the exact ones in any summation order, the Gaussian inputs' do not
+    (*_, W_z, z), _ = gpu_report.ffn_inputs(torch.device("cpu"), (8, 4, 256, 128), K=2, grid=True)
+    exact = z.double() @ W_z.double().t()
+    perm = torch.randperm(128)
+    assert torch.equal((z @ W_z.t()).double(), exact)
+    assert torch.equal((z[..., perm] @ W_z[:, perm].t()).double(), exact)
+    assert exact.unique().numel() > 0.9 * exact.numel()  # values still spread: few exact ties
+    (*_, W_g, z_g), _ = gpu_report.ffn_inputs(torch.device("cpu"), (8, 4, 256, 128), K=2)
+    assert not torch.equal((z_g @ W_g.t()).double(), z_g.double() @ W_g.double().t())
+
+
+def test_gpu_report_accuracy_check_reports_each_failure():
+    # the PyTorch path against itself with one thing wrong at a time: y scaled by 1 + 1e-3 (so
+    # are all seven gradients: over fp32's 1e-4, under bf16's 5e-2), counts off by one, a keep
+    # mask with a unit flipped far from the threshold or at it (a near-tie)
+    cpu, fast = torch.device("cpu"), fast_inf_ffn
+
+    def scaled(*a):
+        y, counts, n_active = fast(*a)
+        return y * (1 + 1e-3), counts + (torch.arange(len(counts)) == 3), n_active
+
+    def flipped(which):
+        def keep(z, W_z, top_frac):
+            k = gpu_report.torch_keep(z, W_z, top_frac).clone()
+            order = (z[0, 0] @ W_z.t()).argsort(descending=True)
+            last = model_py.keep_count(top_frac, len(W_z)) - 1
+            unit = order[0] if which == "top" else order[last]
+            k[0, 0, unit] = ~k[0, 0, unit]
+            return k
+        return keep
+
+    same = gpu_report.accuracy(cpu, GPU_TOY, [torch.float32], fn=fast, ref=fast,
+                               keeps=(gpu_report.torch_keep, gpu_report.torch_keep))
+    assert len(same) == 2 + 10 and all(r[-1] for r in same)
+    rows = gpu_report.accuracy(cpu, GPU_TOY, [torch.float32, torch.bfloat16], fn=scaled,
+                               ref=fast, keeps=(flipped("top"), gpu_report.torch_keep))
+    failed = {(dt, q) for dt, q, _, _, ok in rows if not ok}
+    masks = {("fp32 scores", "keep masks, grid-valued router inputs"),
+             ("fp32 scores", "keep masks, Gaussian router inputs")}
+    assert failed == masks | {(dt, "counts") for dt in ("fp32", "bf16")} | {
+        ("fp32", q) for q in ["y"] + gpu_report.GRADS}
+    assert rows[0][2] == "1 of 3,072 differ (3.3e-04)"  # K x N x d_ff = 2 x 24 x 64
+    assert rows[1][2].endswith(", 1 not at a near-tie")
+    near = gpu_report.accuracy(cpu, GPU_TOY, [], keeps=(flipped("threshold"),
+                                                         gpu_report.torch_keep))
+    assert [r[-1] for r in near] == [False, True]  # grid inputs: no tie allowed; Gaussian: a tie
+    broken = gpu_report.accuracy(cpu, GPU_TOY, [torch.float32], fn=lambda *a: 1 / 0, ref=fast)
+    assert broken[-1] == ("fp32", "kernel and PyTorch path",
+                          "ZeroDivisionError: division by zero", "", False)
+
+
+def test_gpu_report_at_a_toy_shape(tmp_path, monkeypatch):
+    # the whole report on the CPU: the accuracy check runs the real kernel in the interpreter;
+    # the timing runs the PyTorch path and a path that fails; the training runs are in this
+    # process, use_kernel=on through a stand-in for the kernel (installed once the accuracy check
+    # is done) that counts its calls
+    calls, speed = [], gpu_report.speed
+
+    def speed_then_stand_in(*args):
+        monkeypatch.setattr(kernel, "triton_inf_ffn",
+                            lambda *a: calls.append(1) or fast_inf_ffn(*a))
+        return speed(*args)
+
+    monkeypatch.setattr(gpu_report, "speed", speed_then_stand_in)
+    paths = {"PyTorch": fast_inf_ffn, "kernel": lambda *a: 1 / 0}
+    cpu = torch.device("cpu")
+    text = gpu_report.build_report(cpu, GPU_TOY, [torch.float32, torch.bfloat16], torch.float32,
+                                   GPU_TOY_MODEL, 2, 2, time.monotonic() + 600, "cmd", rounds=2,
+                                   paths=paths, isolate=False)
+    assert len(calls) == 2  # use_kernel=on alone: 2 steps of 1 layer
+    sections = re.findall(r"^## (.*)$", text, re.M)
+    assert sections == ["Machine", "The kernel against the PyTorch path", "Speed of one FFN layer",
+                        "Training"]
+    rows = lambda title: [[c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+                          for line in text.split(f"## {title}")[1].split("\n## ")[0].splitlines()
+                          if line.startswith("| ") and not line.startswith("|  |")][1:]
+    acc = rows("The kernel against the PyTorch path")
+    assert len(acc) == 2 + 2 * 10 and all(r[-1] == "ok" for r in acc), acc
+    assert [r[1] for r in acc[2:12]] == ["y", "counts", "n_active", *gpu_report.GRADS]
+    speed = rows("Speed of one FFN layer")
+    assert [r[:3] for r in speed] == [["dense, width 64", "", ""]] + [
+        ["∞-MoE, PyTorch", str(K), f"{r}%"] for K in (1, 2) for r in (10, 25)]
+    assert speed[0][4:6] == ["1.00 (1.00–1.00)"] * 2  # d_ff = 4d here: one dense row
+    assert "kernel: not timed, it failed: ZeroDivisionError" in text
+    train_rows = rows("Training")
+    assert [r[:2] for r in train_rows] == [["dense", ""], ["switch", ""], ["top2", ""],
+                                           ["inf", "off"], ["inf", "on"]]
+    # random tokens: every loss near ln 97; CPU: no MFU, no CUDA memory
+    assert all(abs(float(r[-1]) - math.log(97)) < 0.3 and r[6:8] == ["—", "n/a"]
+               for r in train_rows), train_rows
+    assert train_rows[3][-1] == train_rows[4][-1]  # the same seed and tokens in every run
+    assert train_rows[0][5] == "1.00" and float(train_rows[4][4].replace(",", "")) > 0
+    assert text.splitlines()[4] == "- accuracy: all 22 checks pass"
+    gpu_report.write_report(tmp_path / "r.md", text)
+    assert (tmp_path / "r.md").read_text(encoding="utf-8") == text
+    assert os.listdir(tmp_path) == ["r.md"]
+
+
+def test_gpu_report_training_in_a_process_of_its_own_and_the_budget():
+    cpu = torch.device("cpu")
+    later = time.monotonic() + 600
+    rows = gpu_report.training(GPU_TOY_MODEL, cpu, 2, 2, later, runs=[("dense", "off")])
+    (ffn, _, res), = rows
+    assert ffn == "dense" and "error" not in res, res
+    assert res["timed_steps"] == 1 and abs(res["loss"] - math.log(97)) < 0.3
+    assert res["params"] == GPT(GPTConfig(ffn="dense", **GPU_TOY_MODEL)).num_params()[0]
+    bad = gpu_report.training({**GPU_TOY_MODEL, "n_head": 3}, cpu, 2, 2, later,
+                              runs=[("dense", "off")], isolate=False)
+    assert bad[0][2]["error"].startswith("ValueError: GPTConfig: n_embd=32 is not divisible")
+    spent = gpu_report.training(GPU_TOY_MODEL, cpu, 2, 2, time.monotonic() + 10)
+    assert [r[2] for r in spent] == [{"error": "not run: the time budget was spent"}] * 5
+
+
+def test_gpu_report_needs_cuda(tmp_path, monkeypatch, capsys):
+    # `python bench.py --gpu` without CUDA: one line, exit status 2 (run_main's usage error),
+    # nothing written
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--gpu"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prepare_fineweb.run_main(bench.main)
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == "" and out.err.count("\n") == 1
+    assert out.err.startswith("error: bench.py --gpu needs a CUDA GPU, and torch ")
+    assert os.listdir(tmp_path) == []
 
 
 # ====================================================================== compare.py
