@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from statistics import median
 
 # zeroshot.py, which train.py imports, subclasses lm-evaluation-harness's model class when the
 # harness is installed; importing it pulls in transformers and datasets, slow and, on a GPU image
@@ -245,11 +246,6 @@ def speed(device, dtype, shape, ks=(1, 2), rates=(10, 25), rounds=5, reps=None, 
     times = {c: [t[c] for t in per_round] for c in cases}
     peak = {c: bench.peak_mib(fn, a, dy) for c, (fn, a) in cases.items()} if cuda else {}
     return times, peak, failed
-
-
-def median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def spread(values):
@@ -565,7 +561,8 @@ def main(argv):
     device = torch.device("cuda", torch.cuda.current_device())
     base = {**train.PRESETS["gpt2"][1]}
     c = GPTConfig(ffn="inf", **base)
-    # bf16 needs sm80+; train.py takes bfloat16 or float32
+    # bf16 needs sm80+. Below it, float32, not train.py's float16 default: the kernel has no
+    # float16 yet, and the use_kernel=on row would fail
     bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     text = build_report(

@@ -203,7 +203,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def check_dtype(dtype):
     if dtype not in ("", *DTYPES):
-        raise UsageError(f"--dtype={dtype}: expected bfloat16, float16 or float32")
+        raise UsageError(f"--dtype={dtype}: expected {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
 
 
 def default_dtype(device):
