@@ -27,8 +27,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-# tests only: a small random GPT-2 to compare with; the harness zeroshot.py plugs into
+# tests only: a small random GPT-2 to compare with; the harness zeroshot.py plugs into (its tasks
+# module, which tests patch, is otherwise imported only when a test happens to reach it first)
 import lm_eval
+import lm_eval.tasks
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import bench
