@@ -6,7 +6,7 @@ measures its model:
                                     # the PyTorch path on any device, the Triton kernel on CUDA
   python bench.py --quick           # K=2, r=25% only
   python bench.py --blocks          # the block mask's path (mask_block = b) against the same
-  python bench.py --compile-check   # compile every Triton kernel for sm80-sm90, no GPU needed
+  python bench.py --compile-check   # compile every Triton kernel for sm75-sm90, no GPU needed
   python bench.py --params          # parameters of every FFN, and one layer's activation memory
   python bench.py --gpu             # one GPU's report: kernel accuracy, speed, GPT-2 training
                                     # (gpu_report.py; writes gpu_report.md)
@@ -361,9 +361,10 @@ def block_benchmark(args):
 
 # ----------------------------------------------------------------------------- GPU compile check
 # Per-block shared memory (opt-in maximum) of each target, in bytes, and GPUs that have it.
-ARCHS = {80: (163 * 1024, "A100"), 86: (99 * 1024, "RTX 3090, A6000"),
-         89: (99 * 1024, "RTX 4090, L40S"), 90: (227 * 1024, "H100")}
-_SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+ARCHS = {75: (64 * 1024, "T4, RTX 2080"), 80: (163 * 1024, "A100"),
+         86: (99 * 1024, "RTX 3090, A6000"), 89: (99 * 1024, "RTX 4090, L40S"),
+         90: (227 * 1024, "H100")}
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def launches(dtype, d, d_ff, d_z, K):
@@ -402,7 +403,8 @@ def launches(dtype, d, d_ff, d_z, K):
 
 
 def compile_one(fn, ptrs, ints, const, num_warps, num_stages, cap):
-    """AOT-compile one kernel for sm_<cap>: (registers, spill bytes, shared bytes), or the error."""
+    """AOT-compile one kernel for sm_<cap>: (registers, spill bytes, shared bytes, whether it uses
+    tensor-core instructions), or the error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -425,31 +427,38 @@ def compile_one(fn, ptrs, ints, const, num_warps, num_stages, cap):
     text = log.getvalue()
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
-    return regs, spill, c.metadata.shared
+    tensor_cores = "mma" in c.asm["ptx"]  # mma.sync (sm80+), wgmma (sm90)
+    return regs, spill, c.metadata.shared, tensor_cores
 
 
-def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32),
+def compile_check(archs=tuple(ARCHS), dtypes=(torch.bfloat16, torch.float16, torch.float32),
                   shapes=(768, 1024), quick=False):
     """Compile every kernel x arch x dtype x config for real GPUs (no GPU needed); print the table.
 
-    quick: one configuration per kernel, the kernels spread over the archs (every kernel and every
-    arch at least once: the test suite's subset). Returns the number of problems (0 = clean).
+    bf16 is left out below sm80, which has no bf16 tensor cores (train.py picks float16 there).
+    Below sm80 Triton compiles the dots to CUDA-core FMAs (the `tc` column) and use_kernel=auto
+    takes the PyTorch path, so spills there are listed but are not problems.
+    quick: one configuration per kernel, the kernels spread over the archs and dtypes (every kernel
+    and every arch at least once: the test suite's subset). Returns the number of problems.
     """
     jobs, seen = [], {}
     for d in shapes:
         for dtype in dtypes:
             for fn, ptrs, ints, const, wst, tuned in launches(dtype, d, 8 * d, 128, 2):
                 for cap in archs:
-                    jobs.append((fn, ptrs, ints, const, wst[0], tuned, cap, dtype, d))
+                    if dtype != torch.bfloat16 or cap >= 80:
+                        jobs.append((fn, ptrs, ints, const, wst[0], tuned, cap, dtype, d))
     if quick:
         by_kernel = {}
         for j in jobs:
             by_kernel.setdefault(j[0].__name__, []).append(j)
-        jobs = [next(j for j in js if j[6] == archs[i % len(archs)] and j[7] == dtypes[-1])
-                for i, js in enumerate(by_kernel.values())]
+        jobs = []
+        for i, js in enumerate(by_kernel.values()):
+            on_arch = [j for j in js if j[6] == archs[i % len(archs)]]
+            jobs.append(next((j for j in on_arch if j[7] == dtypes[i % len(dtypes)]), on_arch[0]))
     print(f"{'kernel':<17s} {'arch':<5s} {'dtype':<5s} {'d':>5s}  {'config':<42s} {'regs':>4s} "
-          f"{'spill':>6s} {'shared':>8s} {'limit':>7s}  verdict")
-    n = fail = spill = over = pruned = 0
+          f"{'spill':>6s} {'shared':>8s} {'limit':>7s} tc  verdict")
+    n = fail = spill = over = pruned = slow_spill = 0
     for fn, ptrs, ints, const, (w, s), tuned, cap, dtype, d in jobs:
         key = (fn.__name__, tuple(sorted(ptrs.items())), tuple(sorted(const.items())), w, s, cap)
         if key not in seen:  # d = 768 and 1024 often compile to the same binary
@@ -463,7 +472,7 @@ def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32)
             print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} FAILED: {res}")
             continue
         n += 1
-        regs, spilled, shared = res
+        regs, spilled, shared, tc = res
         # the autotuner's pre-filter decides with _shared_bytes; the compiler's figure must agree
         budget = kernel._shared_bytes(const, s, dtype, cap) if tuned else limit
         verdict = "ok"
@@ -472,12 +481,18 @@ def compile_check(archs=(80, 86, 89, 90), dtypes=(torch.bfloat16, torch.float32)
         elif shared > budget:  # over the arch's limit, or over what the autotune pre-filter assumed
             verdict = "OVER SHARED MEMORY" if shared > limit else "OVER ITS ESTIMATE"
             over += 1
+        elif spilled and cap < 80:
+            verdict, slow_spill = "spills (auto: PyTorch path here)", slow_spill + 1
         elif spilled:
             verdict, spill = "SPILLS", spill + 1
+        tcs = "-" if name == "select" else "yes" if tc else "no"  # select has no dot
         print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} {regs:4d} {spilled:6d} "
-              f"{shared / 1024:6.1f}KB {limit // 1024:5d}KB  {verdict}")
+              f"{shared / 1024:6.1f}KB {limit // 1024:5d}KB {tcs:<3s} {verdict}")
     print(f"({pruned} autotune configs need more shared memory than their arch has: pruned before "
           f"launch there, not counted below)")
+    if slow_spill:
+        print(f"({slow_spill} configs spill below sm80, where use_kernel=auto does not launch the "
+              f"kernel: not counted below)")
     print(f"compile-check: {n} compiled, {fail} failed, {spill} spilling, {over} over shared "
           f"memory")
     return fail + spill + over
@@ -575,24 +590,24 @@ def choices(*names):
 
 
 def compile_check_main(argv):
-    """`python bench.py --compile-check [--quick] [--archs=80,86] [--dtypes=bf16,fp32] [--d=768]`"""
-    p = ArgumentParser(description="Compile every Triton kernel for sm80/86/89/90 without a GPU; "
+    """`python bench.py --compile-check [--quick] [--archs=75,80] [--dtypes=fp16,fp32] [--d=768]`"""
+    p = ArgumentParser(description="Compile every Triton kernel for sm75-sm90 without a GPU; "
                        "exit 0 when nothing the code can launch fails, spills or exceeds shared "
                        "memory.")
     p.add_argument("--compile-check", action="store_true", required=True)
     p.add_argument("--quick", action="store_true",
                    help="one config per kernel, kernels spread over the archs")
-    p.add_argument("--archs", default="80,86,89,90", type=integers(0))
-    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--archs", default=",".join(map(str, ARCHS)), type=integers(0))
+    p.add_argument("--dtypes", default=",".join(_SHORT.values()))
     p.add_argument("--d", default="768,1024", type=integers(1),
                    help="model widths; d_ff = 8d, d_z = 128, K = 2")
     args = p.parse_args(argv)
     if not set(args.archs) <= set(ARCHS):
         p.error(f"--archs={','.join(map(str, args.archs))}: expected some of "
                 f"{','.join(map(str, ARCHS))}")
-    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    names = {v: k for k, v in _SHORT.items()}
     if not set(args.dtypes.split(",")) <= set(names):
-        p.error(f"--dtypes={args.dtypes}: expected bf16 and/or fp32")
+        p.error(f"--dtypes={args.dtypes}: expected some of {','.join(names)}")
     if kernel.INTERPRET:
         p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import triton

@@ -189,7 +189,7 @@ class _FastInfFFN(torch.autograd.Function):
             dz = torch.empty_like(z) if need[6] else None
             dW_z = torch.zeros_like(W_z) if need[5] else None
             for k in range(K):
-                dm.copy_(keep[k].view(torch.uint8)).mul_(dM)   # K dL/dm_k
+                dm.copy_(keep[k]).mul_(dM)   # K dL/dm_k
                 if need[6]:
                     torch.mm(dm, W_z, out=dz[k])                # m_k = W_z z_k
                 if need[5]:

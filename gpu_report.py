@@ -8,8 +8,8 @@ nothing, and takes about 5-8 minutes (--budget caps it):
 
   1. machine    the GPU (name, compute capability, memory), torch, Triton, CUDA
   2. accuracy   the Triton kernel (kernel.triton_inf_ffn) against the PyTorch path
-                (fastpath.fast_inf_ffn) at GPT-2 Small shape in fp32 and bf16: output, selection
-                (counts, non-zeros of M, keep masks) and the seven gradients, each with its bound
+                (fastpath.fast_inf_ffn) at GPT-2 Small shape in fp32 and bf16 (fp16 below sm80):
+                output, selection (counts, non-zeros of M, keep masks), the seven gradients
   3. speed      both paths against dense FFNs of width d_ff and 4d, forward and forward+backward,
                 K in {1, 2}, r in {10, 25}%: bench.times in interleaved rounds, ratios to dense
   4. training   train.py's --preset=gpt2 shape for ~20 steps of train.train_step per FFN (dense,
@@ -40,14 +40,14 @@ import fastpath  # noqa: E402
 import kernel  # noqa: E402
 import train  # noqa: E402
 from fastpath import ieee_fp32  # noqa: E402
-from infra import UsageError, start_process  # noqa: E402
+from infra import UsageError, default_dtype, start_process  # noqa: E402
 from model import GPT, GPTConfig, keep_count  # noqa: E402
 from prepare_fineweb import REPO_DIR, ArgumentParser, replacing  # noqa: E402
 
 GRADS = ["dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]  # of x, W1, b1, W2, b2, W_z, z
 # Training rows: (ffn, use_kernel); use_kernel matters for inf only
 TRAIN_RUNS = (("dense", "off"), ("switch", "off"), ("top2", "off"), ("inf", "off"), ("inf", "on"))
-DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ----------------------------------------------------------------------------- 1. machine
@@ -386,7 +386,8 @@ def accuracy_md(rows, shape, K, top_frac):
             f"d_ff={d_ff}, d_z={d_z}, K={K}, r={top_frac:.0%}, one forward and backward. Outputs "
             f"and gradients: `max|a-b| / max|b|`, one number per tensor whatever its shape, "
             f"bounded by the rtol of `kernel.TOLERANCES` (fp32 1e-4: both paths compute in IEEE "
-            f"fp32; bf16 5e-2: bf16 GEMMs round in other places). They run on router inputs on a "
+            f"fp32; bf16 5e-2, fp16 1e-2: their GEMMs round in other places). They run on router "
+            f"inputs on a "
             f"power-of-two grid (`on_grid`), where every score is exact in any summation order: "
             f"both paths must keep the same units, so counts and n_active must be equal. The "
             f"selection decides on fp32 scores in either dtype. On Gaussian router inputs the two "
@@ -561,14 +562,12 @@ def main(argv):
     device = torch.device("cuda", torch.cuda.current_device())
     base = {**train.PRESETS["gpt2"][1]}
     c = GPTConfig(ffn="inf", **base)
-    # bf16 needs sm80+. Below it, float32, not train.py's float16 default: the kernel has no
-    # float16 yet, and the use_kernel=on row would fail
-    bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    # the half precision train.py defaults to: bf16 on sm80+, fp16 below (T4, V100)
+    half = getattr(torch, default_dtype(device))
     text = build_report(
-        device, (args.tokens, c.n_embd, c.d_ff, c.d_z), [torch.float32, torch.bfloat16], dtype,
+        device, (args.tokens, c.n_embd, c.d_ff, c.d_z), [torch.float32, half], half,
         base, args.gpu_batch or gpu_batch(torch.cuda.get_device_properties(device).total_memory),
         args.steps, start + args.budget, "python bench.py " + " ".join(argv), c.z_samples,
-        c.top_frac, compile=args.compile, train_dtype="" if bf16 else "float32")
+        c.top_frac, compile=args.compile, train_dtype="")
     write_report(args.report, text)
     print(f"\n{text}\n(written to {args.report})")

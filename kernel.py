@@ -33,11 +33,13 @@ a neuron the other drops. -0.0 and +0.0 are equal floats, so -0.0 becomes +0.0 b
 Memory kept for backward: pre and a (N x F each, in x's dtype: the two tensors a dense FFN keeps)
 and the keep bits (K/16 of one bf16 N x F tensor), plus the inputs. Not the scores, not M, not h.
 Precision: fp32 inputs use full-fp32 dots ("ieee", no TF32) and match the PyTorch path tightly;
-bf16 inputs use bf16 GEMMs with fp32 accumulation and TF32 for the d_z-deep score values (errors of
-the order of bf16 rounding; the keep decisions are unaffected).
+bf16 and fp16 inputs use half-precision GEMMs with fp32 accumulation and TF32 for the d_z-deep score
+values (errors of the order of the dtype's rounding; the keep decisions are unaffected). Below sm80
+Triton emits no tensor-core instructions for these dots, so use_kernel=auto leaves those GPUs to the
+PyTorch path (kernel_ok).
 
 On GPUs this code never ran on: `python bench.py --compile-check` compiles every kernel, in every
-launch configuration the code can choose, for sm80/86/89/90 with Triton's own compiler (no GPU
+launch configuration the code can choose, for sm75/80/86/89/90 with Triton's own compiler (no GPU
 needed). The kernel is two torch.library custom ops (forward, backward) with shape-only fake
 versions, so torch.compile of the model stays one graph. use_kernel=auto asks `kernel_ok`, which
 compares the kernel with the PyTorch path once per device and dtype and falls back, with one
@@ -185,17 +187,18 @@ def _tile(N, F, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 # launch configurations
 # Autotune candidates per activation dtype as (BM, BN or BF, BK, num_warps, num_stages): tiles that
-# `python bench.py --compile-check` compiles without register spills for sm80, sm86, sm89 and sm90.
-# fp32 takes half-depth (BK = 32) GEMM tiles and smaller router tiles: its full-precision dots hold
-# their operands in registers (no tensor cores), and BK = 64 spills on sm80. Candidates that do not
-# fit the device's per-block shared memory (99 KB on an RTX 3090/4090, L40S; 163 KB on an A100;
+# `python bench.py --compile-check` compiles without register spills for sm75, sm80, sm86, sm89 and
+# sm90. bf16 and fp16 share their tiles (both 2-byte tensor-core operands). fp32 takes half-depth
+# (BK = 32) GEMM tiles and smaller router tiles: its full-precision dots hold their operands in
+# registers (no tensor cores), and BK = 64 spills on sm80. Candidates that do not fit the device's
+# per-block shared memory (64 KB on a T4; 99 KB on an RTX 3090/4090, L40S; 163 KB on an A100;
 # 227 KB on an H100) are dropped before tuning by `_prune`.
-GEMM_CANDIDATES = {torch.bfloat16: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4),
-                                    (64, 64, 64, 4, 3)],
+_HALF_GEMM = [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 3)]
+_HALF_ROUTER = [(64, 64, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 3), (64, 32, 0, 4, 3),
+                (32, 32, 0, 4, 3)]
+GEMM_CANDIDATES = {torch.bfloat16: _HALF_GEMM, torch.float16: _HALF_GEMM,
                    torch.float32: [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]}
-DZ_CANDIDATES = {torch.bfloat16: [(64, 64, 0, 8, 3), (64, 64, 0, 4, 3), (32, 64, 0, 4, 3),
-                                  (64, 32, 0, 4, 3),
-                                  (32, 32, 0, 4, 3)],
+DZ_CANDIDATES = {torch.bfloat16: _HALF_ROUTER, torch.float16: _HALF_ROUTER,
                  torch.float32: [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3)]}
 DWZ_CANDIDATES = {**DZ_CANDIDATES, torch.float32: [(32, 32, 0, 4, 3)]}  # 64 x 32 spills in fp32
 
@@ -351,8 +354,9 @@ def _dwz_kernel(dm_ptr, bits_ptr, z_ptr, dwz_ptr, N, F, DZ, K, NB, N_BUCKET, ZPR
 
 # the autograd wrapper
 def _precision(dtype):
-    """tl.dot precision: fp32 inputs get full fp32 dots (no TF32); bf16 GEMMs ignore it, and the
-    d_z-deep dots that recompute kept score values then use TF32 (their error is below bf16's)."""
+    """tl.dot precision: fp32 inputs get full fp32 dots (no TF32); bf16/fp16 GEMMs ignore it, and
+    the d_z-deep dots that recompute kept score values then use TF32 (their error is below bf16's
+    and about fp16's)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -512,7 +516,9 @@ def triton_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
     return y, counts.detach(), n_active.detach()
 
 # ----------------------------------------------------------------------------- use_kernel=auto
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2)}  # rtol, atol: the tests'
+# rtol, atol: the tests'. fp16 has 3 more mantissa bits than bf16 (rounding 8x finer).
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2),
+              torch.float16: (1e-2, 1e-2)}
 _VERDICTS = {}  # (device, dtype) -> did the kernel pass its self-check there
 
 
@@ -524,14 +530,25 @@ def kernel_ok(device, dtype):
     problem and compares the forward and every gradient with the tests' tolerances. On a mismatch
     or an error it warns once, naming what differed and the GPU, and answers False from then on
     (the PyTorch path is used). A GPU, driver or Triton version the kernel was never run on fails
-    here rather than in the middle of a training run.
+    here rather than in the middle of a training run. Below sm80 (T4, V100) it answers False at
+    once: Triton compiles the kernel's dots to CUDA-core FMAs there, no tensor-core instructions
+    (`python bench.py --compile-check` shows it), so cuBLAS's GEMMs in the PyTorch path are faster.
     """
     key = (str(device), dtype)
     if key not in _VERDICTS:
-        problem = _self_check(torch.device(device), dtype)
+        dev = torch.device(device)
+        where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else device
+        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (8, 0)
+        if cap < (8, 0):
+            warnings.warn(f"kernel.py: {where} is sm{cap[0]}{cap[1]}; Triton compiles the ∞-MoE "
+                          f"kernel's dots there to CUDA-core FMAs, not tensor-core instructions, "
+                          f"so the PyTorch path (cuBLAS) is used (use_kernel=on forces the "
+                          f"kernel).",
+                          RuntimeWarning, stacklevel=2)
+            _VERDICTS[key] = False
+            return False
+        problem = _self_check(dev, dtype)
         if problem:
-            dev = torch.device(device)
-            where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else device
             warnings.warn(f"kernel.py: the Triton ∞-MoE kernel disagrees with the PyTorch path on "
                           f"{where} ({str(dtype)[6:]}, Triton {triton.__version__}): {problem}. "
                           f"Using the PyTorch path (use_kernel=on forces the kernel).",
@@ -542,7 +559,7 @@ def kernel_ok(device, dtype):
 
 def _self_check(device, dtype):
     """'' when triton_inf_ffn matches fast_inf_ffn on a small problem, else what differed."""
-    if dtype not in TOLERANCES:  # a dtype it was never checked in (float16 before it was)
+    if dtype not in TOLERANCES:  # a dtype it was never checked in (a float8, say)
         return "no self-check tolerance for this dtype"
     # Its own generator: the training run's random stream is untouched. Tiny in the interpreter.
     g = torch.Generator(device=device).manual_seed(0)

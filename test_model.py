@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -2316,7 +2317,7 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, monkeypatch):
     (bench, ["--reps=0"], "argument --reps: 0"),
     (bench, ["--plot=/nowhere/x.png"], "--plot=/nowhere/x.png: no directory /nowhere"),
     (bench, ["--compile-check", "--archs=abc"], "argument --archs: 'abc'"),
-    (bench, ["--compile-check", "--archs=75"], "--archs=75: expected some of 80,86,89,90"),
+    (bench, ["--compile-check", "--archs=70"], "--archs=70: expected some of 75,80,86,89,90"),
     (bench, ["--compile-check", "--d=0"], "argument --d: 0"),
 ])
 def test_every_script_exits_2_with_one_line(script, argv, words, capsys):
@@ -2801,6 +2802,47 @@ def test_bf16_runs():
     # dtype plumbing only (the interpreter emulates bf16): loose bf16 tolerance
     inp = make_inputs(N=19, d=16, d_ff=33, d_z=16, K=2, bias=True, dtype=torch.bfloat16)
     check_against_reference(inp, 0.25, rtol=5e-2, atol=5e-2)
+
+
+def test_fp16_matches_the_pytorch_path():
+    # float16 (T4, V100; --dtype=float16 anywhere): against the PyTorch path in float16, within the
+    # tolerance kernel_ok's self-check uses; the selection is exact (it is decided in fp32)
+    inp = make_inputs(N=19, d=16, d_ff=33, d_z=16, K=2, bias=True, dtype=torch.float16, seed=4)
+    rtol, atol = kernel.TOLERANCES[torch.float16]
+    counts, _ = check_against_reference(inp, 0.25, rtol=rtol, atol=atol)
+    assert counts.sum().item() == 2 * 19 * round(0.25 * 33)
+    # and the self-check passes in float16, where before it had no tolerance to check against
+    kernel._VERDICTS.pop(("cpu", torch.float16), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel.kernel_ok("cpu", torch.float16) is True
+
+
+def test_use_kernel_auto_takes_the_pytorch_path_below_sm80(monkeypatch):
+    # A T4 (sm75): Triton compiles the kernel's dots to FMAs there, with no tensor-core
+    # instruction, while on sm80 it emits mma (checked by compiling the up kernel for both, no GPU
+    # needed), so auto answers "PyTorch path" with one warning, without running the self-check.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, bench, kernel\n"
+            "up = [j for j in bench.launches(__import__('torch').float16, 64, 256, 32, 2)\n"
+            "      if j[0].__name__ == '_up_kernel'][0]\n"
+            "fn, ptrs, ints, const, [(w, s)], _ = up\n"
+            "print([bench.compile_one(fn, ptrs, ints, const, w, s, cap)[3] for cap in (75, 80)])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert out.stdout.strip().splitlines()[-1] == "[False, True]", out.stdout + out.stderr
+
+    cap = {"cuda:0": (7, 5), "cuda:1": (8, 0)}
+    monkeypatch.setattr(kernel, "_VERDICTS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: cap[str(d)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Tesla T4")
+    monkeypatch.setattr(kernel, "_self_check", lambda device, dtype: "")
+    with pytest.warns(RuntimeWarning, match=r"Tesla T4 is sm75; .*FMAs.*\(use_kernel=on forces"):
+        assert kernel.kernel_ok("cuda:0", torch.float16) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device and dtype
+        assert kernel.kernel_ok("cuda:0", torch.float16) is False
+        assert kernel.kernel_ok("cuda:1", torch.float16) is True  # sm80: the self-check decides
 
 
 def test_cpu_without_interpreter_raises():
@@ -3608,7 +3650,8 @@ def test_without_fcntl_the_scripts_import_and_a_run_holds_its_lock(shards, tmp_p
 # ====================================================================== bench.py
 
 def test_compile_check_every_kernel_on_every_arch(tmp_path):
-    # Triton's own compiler and ptxas for sm80/86/89/90, no GPU: one config per kernel (`--quick`)
+    # Triton's own compiler and ptxas for sm75/80/86/89/90, no GPU: one config per kernel
+    # (`--quick`), the kernels spread over the archs and dtypes
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "bench.py", "--compile-check", "--quick"], env=env,
@@ -3617,8 +3660,12 @@ def test_compile_check_every_kernel_on_every_arch(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line[18:20] == "sm"]
     assert {r[0] for r in rows} == {"select", "up", "down_bwd", "dz", "dwz"}
-    assert {r[1] for r in rows} == {"sm80", "sm86", "sm89", "sm90"}
-    assert all(r[-1] == "ok" and int(r[-4]) == 0 for r in rows), out.stdout  # no spill bytes
+    assert {r[1] for r in rows} == {"sm75", "sm80", "sm86", "sm89", "sm90"}
+    assert {r[2] for r in rows} == {"bf16", "fp16", "fp32"}
+    assert all(r[-1] == "ok" and int(r[-5]) == 0 for r in rows), out.stdout  # no spill bytes
+    # tensor-core instructions in the PTX: in the half-precision dots on sm80+, never in IEEE fp32
+    tc = {r[0]: r[-2] for r in rows}
+    assert tc == {"select": "-", "up": "yes", "down_bwd": "no", "dz": "yes", "dwz": "yes"}, tc
     summary = "compile-check: 5 compiled, 0 failed, 0 spilling, 0 over shared memory"
     assert out.stdout.splitlines()[-1] == summary
 
@@ -3808,6 +3855,27 @@ def test_gpu_report_needs_cuda(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("capability,half", [((7, 5), torch.float16), ((9, 0), torch.bfloat16)])
+def test_gpu_report_checks_and_trains_in_the_gpus_half_precision(capability, half, tmp_path,
+                                                                   monkeypatch):
+    # what main() asks of the report on a T4 (fp16: no bf16 tensor cores) and on an H100 (bf16),
+    # with the GPU mocked: the accuracy in fp32 and that half, the timing in it, and training in
+    # train.py's default dtype, which infra.default_dtype picks by the same capability
+    asked = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=16 * 2 ** 30))
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    monkeypatch.setattr(gpu_report, "build_report",
+                        lambda device, shape, dtypes, dtype, *a, train_dtype, **k:
+                        asked.update(dtypes=dtypes, dtype=dtype, train=train_dtype) or "report")
+    gpu_report.main(["--gpu", f"--report={tmp_path / 'r.md'}"])
+    assert asked == {"dtypes": [torch.float32, half], "dtype": half, "train": ""}
+    assert (tmp_path / "r.md").read_text().startswith("report")
+
+
 # ====================================================================== compare.py
 
 def fake_compare_run(root, name, ffn, seed, curve, tok_s=None):
@@ -3930,3 +3998,4 @@ def test_reading_order_names_the_lines_where_the_code_is():
             assert re.match(rf"\s*(def|class) {name}\b", lines[int(n) - 1]), (path.name, name, n)
             checked += 1
     assert checked >= 15
+
