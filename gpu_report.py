@@ -28,21 +28,16 @@ import sys
 import time
 from statistics import median
 
-# zeroshot.py, which train.py imports, subclasses lm-evaluation-harness's model class when the
-# harness is installed; importing it pulls in transformers and datasets, slow and, on a GPU image
-# with other versions of them, a failure that is not this report's. The report uses none of it.
-sys.modules.setdefault("lm_eval", None)
+import torch
 
-import torch  # noqa: E402
-
-import bench  # noqa: E402
-import fastpath  # noqa: E402
-import kernel  # noqa: E402
-import train  # noqa: E402
-from fastpath import ieee_fp32  # noqa: E402
-from infra import UsageError, default_dtype, start_process  # noqa: E402
-from model import GPT, GPTConfig, keep_count  # noqa: E402
-from prepare_fineweb import REPO_DIR, ArgumentParser, replacing  # noqa: E402
+import bench
+import fastpath
+import kernel
+import train
+from fastpath import ieee_fp32
+from infra import UsageError, default_dtype, start_process
+from model import GPT, GPTConfig, keep_count
+from prepare_fineweb import REPO_DIR, ArgumentParser, replacing
 
 GRADS = ["dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]  # of x, W1, b1, W2, b2, W_z, z
 # Training rows: (ffn, use_kernel); use_kernel matters for inf only

@@ -187,8 +187,9 @@ def _tile(N, F, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 # launch configurations
 # Autotune candidates per activation dtype as (BM, BN or BF, BK, num_warps, num_stages): tiles that
-# `python bench.py --compile-check` compiles without register spills for sm75, sm80, sm86, sm89 and
-# sm90. bf16 and fp16 share their tiles (both 2-byte tensor-core operands). fp32 takes half-depth
+# `python bench.py --compile-check` compiles without register spills for sm80, sm86, sm89 and sm90
+# (on sm75 Triton emits CUDA-core code and some spill; kernel_ok leaves it to the PyTorch path).
+# bf16 and fp16 share their tiles (both 2-byte tensor-core operands). fp32 takes half-depth
 # (BK = 32) GEMM tiles and smaller router tiles: its full-precision dots hold their operands in
 # registers (no tensor cores), and BK = 64 spills on sm80. Candidates that do not fit the device's
 # per-block shared memory (64 KB on a T4; 99 KB on an RTX 3090/4090, L40S; 163 KB on an A100;
@@ -538,9 +539,9 @@ def kernel_ok(device, dtype):
     if key not in _VERDICTS:
         dev = torch.device(device)
         where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else device
-        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (8, 0)
-        if cap < (8, 0):
-            warnings.warn(f"kernel.py: {where} is sm{cap[0]}{cap[1]}; Triton compiles the ∞-MoE "
+        sm = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+        if sm is not None and sm < (8, 0):
+            warnings.warn(f"kernel.py: {where} is sm{sm[0]}{sm[1]}; Triton compiles the ∞-MoE "
                           f"kernel's dots there to CUDA-core FMAs, not tensor-core instructions, "
                           f"so the PyTorch path (cuBLAS) is used (use_kernel=on forces the "
                           f"kernel).",

@@ -13,7 +13,7 @@ paper's equations, `InfMoE` is the layer (router, K samples of z, that FFN). The
 GPT itself. Below GPT, optional reading: the flags for the paper's open directions (a deeper router,
 a mixture-of-Gaussians router, the mask before the activation, inf_deep). The fast paths of the
 ∞-MoE FFN live in fastpath.py (PyTorch) and kernel.py (Triton); infra.py reads GPT-2 and our
-checkpoints.
+checkpoints, and upcycles a dense model into an MoE.
 
 Everything else is nanoGPT's GPT-2: learned positions, pre-LayerNorm blocks,
 causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 n_layer).
@@ -21,7 +21,6 @@ causal SDPA attention, tied embeddings, residual projections scaled by 1/sqrt(2 
 import math
 import warnings
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
@@ -643,7 +642,7 @@ class GPT(nn.Module):
 
 # =============================================================================================
 # Optional reading. Everything above is the method and its baselines; below are the flags for
-# the paper's open directions, off by default, and upcycling a trained dense model.
+# the paper's open directions, off by default (upcycling a trained dense model: infra.py).
 # =============================================================================================
 
 # ----------------------------------------------------------------------------- ∞-MoE variants
@@ -749,89 +748,3 @@ class DeepInfMoE(InfMoE):
 # --ffn name -> FFN class. A new FFN: one class (see the top of the FFN section) and one line here.
 FFNS = {"dense": DenseFFN, "switch": TopKMoE, "top2": Top2MoE, "inf": InfMoE,
         "inf_deep": DeepInfMoE}
-
-
-# ----------------------------------------------------------------------------- upcycling
-# infra.from_pretrained builds our GPT from trained weights; from a dense source into an MoE it
-# calls upcycle.
-
-def expected_mask_value(top_frac, n=None):
-    """E[M_j], the mean mask value of one hidden unit at initialisation (any K: M averages K masks).
-
-    A fresh router gives mu ≈ 0, sigma ≈ 1, so z ~ N(0, I); W_z's rows have norm ≈ 1, so each score
-    m_j = W_z[j] . z is ~ N(0, 1). A sample keeps the top r of the scores, those above the (1 - r)
-    quantile t, at their own values: E[m 1{m > t}] = phi(t), the standard normal density at t
-    (0.318 for r = 25%). That is the limit of many scores (units). With n scores (blocks), the
-    k = keep_count(r, n) largest of n normals: E[M_j] = ∫ m phi(m) P(Bin(n-1, 1 - Phi(m)) < k) dm,
-    less than phi(t) (0.257 for the largest of 4).
-    """
-    if not 0.0 < top_frac < 1.0:
-        raise ValueError(f"top_frac={top_frac}: upcycling into ffn=inf needs 0 < top_frac < 1")
-    normal = NormalDist()
-    if n is None:
-        return normal.pdf(normal.inv_cdf(1.0 - top_frac))
-    m = torch.linspace(-10, 10, 20001, dtype=torch.float64)[:, None]
-    above, i = torch.special.ndtr(-m), torch.arange(keep_count(top_frac, n), dtype=m.dtype)
-    log_pmf = (math.lgamma(n) - torch.lgamma(i + 1) - torch.lgamma(n - i)   # m in the top k
-               + torch.special.xlogy(i, above) + torch.special.xlog1py(n - 1 - i, -above))
-    density = m * torch.exp(-m * m / 2) / math.sqrt(2 * math.pi) * log_pmf.logsumexp(1, True).exp()
-    return torch.trapezoid(density[:, 0], m[:, 0]).item()
-
-
-def check_upcycle(c, d_dense):
-    """A ValueError unless a model of config c can be upcycled from a dense one of width d_dense."""
-    if c.ffn in ("switch", "top2") and c.d_ff != c.n_expert * d_dense:
-        raise ValueError(f"upcycling into {c.ffn}: each of the {c.n_expert} experts copies the "
-                         f"dense MLP, so d_ff_mult must be {c.n_expert * d_dense // c.n_embd} "
-                         f"(got {c.d_ff_mult})")
-    if c.ffn == "inf" and c.d_ff % d_dense:
-        raise ValueError(f"upcycling into inf: d_ff_mult={c.d_ff_mult} must be a multiple of the "
-                         f"dense source's {d_dense // c.n_embd}")
-    if c.ffn == "inf":
-        expected_mask_value(c.top_frac)  # 0 < top_frac < 1
-
-
-@torch.no_grad()
-def upcycle(model, dense_state, d_dense):
-    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): fill `model`, a freshly
-    initialised switch/top2/inf GPT, from a dense GPT's state dict of hidden width d_dense.
-    Embeddings, attention, norms and b2 are copied; routers and W_z keep their fresh initialisation.
-
-      switch/top2  every expert is a full copy of the dense MLP (needs d_ff = n_expert * d_dense).
-                   top2's renormalised weights sum to 1, so at step 0 it computes exactly the dense
-                   model; switch computes each FFN output times the chosen expert's probability.
-      inf          hidden unit j is dense unit j mod d_dense (needs d_ff a multiple of it: R copies
-                   each; a block mask puts it in block j // b, and E[M_j] is that of d_ff / b
-                   blocks), and W2 is divided by R * E[M_j]: averaged over the routing noise and the
-                   fresh W_z, the FFN output equals the dense one (expected_mask_value). Per
-                   token it is the dense FFN with its units re-weighted at random (mean 1), so
-                   step-0 loss is above the source's.
-    """
-    c = model.config
-    check_upcycle(c, d_dense)
-    rest = {k: v for k, v in dense_state.items() if ".mlp." not in k}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    if unexpected or any(".mlp." not in k for k in missing):
-        raise ValueError(f"upcycling: the dense source does not match the model "
-                         f"({(missing + unexpected)[:3]} ...)")
-    for i, block in enumerate(model.transformer.h):
-        prefix = f"transformer.h.{i}.mlp."
-        src = {k[len(prefix):]: v for k, v in dense_state.items() if k.startswith(prefix)}
-        W1, b1, W2, b2 = src["W1.weight"], src.get("W1.bias"), src["W2.weight"], src.get("W2.bias")
-        mlp = block.mlp
-        if c.ffn in ("switch", "top2"):   # experts stored (E, in, out): nn.Linear's transposes
-            mlp.W1.copy_(W1.t().expand_as(mlp.W1))
-            mlp.W2.copy_(W2.t().expand_as(mlp.W2))
-            if mlp.b1 is not None:
-                mlp.b1.copy_(b1.expand_as(mlp.b1))
-                mlp.b2.copy_(b2.expand_as(mlp.b2))
-        else:
-            unit = torch.arange(c.d_ff) % d_dense            # hidden unit j copies dense unit j mod
-            blocks = c.d_ff // c.mask_block if c.mask_block > 1 else None  # units: their limit
-            scale = 1.0 / ((c.d_ff // d_dense) * expected_mask_value(c.top_frac, blocks))
-            mlp.W1.weight.copy_(W1[unit])
-            mlp.W2.weight.copy_(W2[:, unit] * scale)
-            if mlp.W1.bias is not None:
-                mlp.W1.bias.copy_(b1[unit])
-                mlp.W2.bias.copy_(b2)
-    return model

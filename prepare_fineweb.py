@@ -652,6 +652,7 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 HELLASWAG_FILE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
 HELLASWAG_PATH = os.path.join(REPO_DIR, HELLASWAG_FILE)
 HELLASWAG_FETCH = "python prepare_fineweb.py --hellaswag"
+HELLASWAG_LOCAL = "hellaswag_local"  # lm-eval's HellaSwag task on that file, offline (zeroshot.py)
 
 def download_hellaswag(path=HELLASWAG_PATH, url=HELLASWAG_URL, timeout=60):
     """The official HellaSwag validation split at path, downloaded first if it is missing; returns

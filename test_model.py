@@ -44,9 +44,9 @@ import prepare_fineweb
 import sample
 import train
 import model as model_py  # the module; tests name their GPT instances `model`
-from infra import UsageError, from_pretrained, load_checkpoint
+from infra import UsageError, expected_mask_value, from_pretrained, load_checkpoint
 from fastpath import averaged_topk_mask, fast_inf_ffn, selection_scores
-from model import GPT, GPTConfig, InfMoE, expected_mask_value, inf_ffn
+from model import GPT, GPTConfig, InfMoE, inf_ffn
 from prepare_fineweb import (EOT, DataError, download_hellaswag, get_tokenizer, load_hellaswag,
                              load_shard, shard_paths, write_shard)
 import zeroshot
@@ -3645,6 +3645,29 @@ def test_without_fcntl_the_scripts_import_and_a_run_holds_its_lock(shards, tmp_p
     assert err.startswith(f"error: --out_dir={out} is in use by another run (it holds "), err
     assert "if no run is alive, a killed one left it: delete it" in err  # filelock's lock file
     assert [r["step"] for r in read_log(out)][:2] == [0, 1]
+
+
+def test_only_zero_shot_runs_import_the_harness(shards, tmp_path):
+    """lm-evaluation-harness (with transformers and datasets: seconds) is imported by the runs that
+    score zero-shot, not by a training run, sample.py, compare.py or the GPU report."""
+    code = textwrap.dedent("""
+        import json, sys
+        import bench, compare, gpu_report, sample, train
+        before = "lm_eval" in sys.modules
+        train.main(json.loads(sys.argv[1]))
+        print(json.dumps([before, "lm_eval" in sys.modules]))
+    """)
+    write_fixture(tmp_path / "hs.jsonl")
+    plain = tiny_run(shards, tmp_path / "a", "--max_iters=1", "--eval_interval=1")
+    scored = [x for x in tiny_run(shards, tmp_path / "b", "--max_iters=1", "--eval_interval=1",
+                                  "--hellaswag", f"--hellaswag_path={tmp_path / 'hs.jsonl'}",
+                                  "--hellaswag_limit=2")
+              if not x.startswith("--vocab_size")]  # HellaSwag needs GPT-2's vocabulary
+    for argv, want in ((plain, [False, False]), (scored, [False, True])):
+        res = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.splitlines()[-1]) == want
 
 
 # ====================================================================== bench.py

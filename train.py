@@ -27,10 +27,9 @@ from infra import (SEED_RANGE, Logger, UsageError, check_dtype, check_kernel, ch
                    usage)
 from model import GPT, INFERENCE_KNOBS, GPTConfig
 from model import RANGES as MODEL_RANGES
-from prepare_fineweb import (HELLASWAG_FILE, REPO_DIR, DataError, canonical_path,
-                             check_dataset, load_hellaswag, load_shard, run_main, shard_paths)
-from zeroshot import (HELLASWAG_LOCAL, LM_EVAL_MISSING, harness_installed, run_hellaswag,
-                      run_lm_eval)
+from prepare_fineweb import (HELLASWAG_FILE, HELLASWAG_LOCAL, REPO_DIR, DataError,
+                             canonical_path, check_dataset, load_hellaswag, load_shard, run_main,
+                             shard_paths)
 
 
 @dataclass
@@ -304,12 +303,16 @@ def evaluation(model, val_loader, cfg, proc, logger, iter_num, extra):
     record = {"step": iter_num, "val_loss": evaluate(model, val_loader, cfg.eval_iters, proc),
               **extra}
     line = f"step {iter_num}: val loss {record['val_loss']:.4f}"
+    if cfg.hellaswag or cfg.lm_eval:
+        # imported here, not at the top: zeroshot imports lm-evaluation-harness when it is
+        # installed, and with it transformers and datasets, seconds that other runs need not pay
+        import zeroshot
     if cfg.hellaswag:
-        record.update(run_hellaswag(model, cfg, proc))
+        record.update(zeroshot.run_hellaswag(model, cfg, proc))
         line += (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm "
                  f"{record['hellaswag_acc_norm']:.4f} ({record['hellaswag_n']} examples)")
     if cfg.lm_eval:
-        scores, table = run_lm_eval(model, cfg, proc)
+        scores, table = zeroshot.run_lm_eval(model, cfg, proc)
         record.update(scores)
         line += "\n" + table
     logger.log(record, line)
@@ -639,8 +642,9 @@ def check_lm_eval(cfg):
     if not cfg.eval_only:
         raise UsageError(f"--lm_eval={cfg.lm_eval} runs the harness on a trained model: add "
                          f"--eval_only (during training, --hellaswag scores HellaSwag)")
-    if not harness_installed():
-        raise UsageError(f"--lm_eval {LM_EVAL_MISSING}")
+    import zeroshot  # (see evaluation)
+    if not zeroshot.harness_installed():
+        raise UsageError(f"--lm_eval {zeroshot.LM_EVAL_MISSING}")
     if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
         raise UsageError(f"--lm_eval_include={cfg.lm_eval_include}: no such directory")
 

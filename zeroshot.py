@@ -30,7 +30,7 @@ from tqdm import tqdm
 from infra import (UsageError, autocast, fork_rng, from_pretrained, read_flags, start_process,
                    starting_point)
 from model import GPTConfig
-from prepare_fineweb import EOT, get_tokenizer, load_hellaswag
+from prepare_fineweb import EOT, HELLASWAG_LOCAL, get_tokenizer, load_hellaswag
 
 try:  # lm-eval is optional: without it HarnessLM is defined but refuses to be built
     import lm_eval.models  # noqa: F401  (the harness's own models, registered before ours)
@@ -344,7 +344,6 @@ class HarnessLM(TemplateLM):
 
 # ----------------------------------------------------------------------------- train.py --lm_eval
 
-HELLASWAG_LOCAL = "hellaswag_local"  # the harness's HellaSwag on our local file, offline
 
 
 def write_hellaswag_local(directory, data_path):
