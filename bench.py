@@ -608,6 +608,9 @@ def compile_check_main(argv):
     names = {v: k for k, v in _SHORT.items()}
     if not set(args.dtypes.split(",")) <= set(names):
         p.error(f"--dtypes={args.dtypes}: expected some of {','.join(names)}")
+    if args.dtypes == "bf16" and max(args.archs) < 80:
+        p.error(f"--dtypes=bf16 --archs={','.join(map(str, args.archs))}: bf16 is compiled on "
+                f"sm80 and up only (below, train.py picks float16)")
     if kernel.INTERPRET:
         p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import triton

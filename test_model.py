@@ -2318,6 +2318,9 @@ def test_a_second_run_into_one_out_dir_is_refused(tmp_path, monkeypatch):
     (bench, ["--plot=/nowhere/x.png"], "--plot=/nowhere/x.png: no directory /nowhere"),
     (bench, ["--compile-check", "--archs=abc"], "argument --archs: 'abc'"),
     (bench, ["--compile-check", "--archs=70"], "--archs=70: expected some of 75,80,86,89,90"),
+    (bench, ["--compile-check", "--archs=75", "--dtypes=bf16"],
+     "--dtypes=bf16 --archs=75: bf16 is compiled on sm80 and up only"),
+    (bench, ["--compile-check", "--dtypes=fp8"], "--dtypes=fp8: expected some of bf16,fp16,fp32"),
     (bench, ["--compile-check", "--d=0"], "argument --d: 0"),
 ])
 def test_every_script_exits_2_with_one_line(script, argv, words, capsys):
