@@ -201,7 +201,11 @@ GEMM_CANDIDATES = {torch.bfloat16: _HALF_GEMM, torch.float16: _HALF_GEMM,
                    torch.float32: [(64, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]}
 DZ_CANDIDATES = {torch.bfloat16: _HALF_ROUTER, torch.float16: _HALF_ROUTER,
                  torch.float32: [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3)]}
-DWZ_CANDIDATES = {**DZ_CANDIDATES, torch.float32: [(32, 32, 0, 4, 3)]}  # 64 x 32 spills in fp32
+# dW_z: 32 x 32 tiles with 8 warps, as Triton 3.6 spills a few bytes at 4 (sm86/89); fp32 64 x 32
+# spills too
+_HALF_DWZ = _HALF_ROUTER[:-1] + [(32, 32, 0, 8, 3)]
+DWZ_CANDIDATES = {torch.bfloat16: _HALF_DWZ, torch.float16: _HALF_DWZ,
+                  torch.float32: [(32, 32, 0, 8, 3)]}
 
 
 def _candidates(table, interpret_meta, make):
