@@ -232,7 +232,7 @@ def _shared_bytes(meta, num_stages, dtype, cap):
     el, depth = torch.finfo(dtype).bits // 8, num_stages if cap >= 90 else num_stages - 1
     if "BK" in meta:  # _up_kernel / _down_bwd_kernel: an x (or dy) tile and a weight tile
         return depth * (meta["BM"] + meta["BN"]) * meta["BK"] * el + 2048
-    # _dz_kernel / _dwz_kernel: a dm tile and a W_z (or z) tile in fp32, plus dm in fp32 for the dot;
+    # _dz_kernel / _dwz_kernel: a dm tile and a W_z (or z) tile in fp32, plus dm in fp32 (the dot);
     # on sm90 Triton 3.8 stages one more dm tile (dW_z's wgmma; 3.9 does not)
     BM, BF, BZ = meta["BM"], meta["BF"], meta["BLOCK_Z"]
     extra = BM * BF * el if cap >= 90 else 0
