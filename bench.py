@@ -364,7 +364,13 @@ def block_benchmark(args):
 ARCHS = {75: (64 * 1024, "T4, RTX 2080"), 80: (163 * 1024, "A100"),
          86: (99 * 1024, "RTX 3090, A6000"), 89: (99 * 1024, "RTX 4090, L40S"),
          90: (227 * 1024, "H100")}
-_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compiled_for(dtype, cap):
+    """Is dtype compiled for sm<cap>? bf16 only on sm80+, which has bf16 tensor cores (train.py
+    picks float16 below)."""
+    return dtype != torch.bfloat16 or cap >= 80
 
 
 def launches(dtype, d, d_ff, d_z, K):
@@ -375,7 +381,7 @@ def launches(dtype, d, d_ff, d_z, K):
     bits uint8, statistics int32; sizes divisible by 16 (as at training shapes) carry that hint.
     """
     import triton
-    a = _SHORT[dtype]
+    a = DTYPE_NAMES[dtype]
     prec = kernel._precision(dtype)
     up = dict(x_ptr=a, w1_ptr=a, b1_ptr=a, z_ptr="fp32", wz_ptr="fp32", bits_ptr="u8", pre_ptr=a,
               a_ptr=a, counts_ptr="i32", nact_ptr="i32")
@@ -435,7 +441,7 @@ def compile_check(archs=tuple(ARCHS), dtypes=(torch.bfloat16, torch.float16, tor
                   shapes=(768, 1024), quick=False):
     """Compile every kernel x arch x dtype x config for real GPUs (no GPU needed); print the table.
 
-    bf16 is left out below sm80, which has no bf16 tensor cores (train.py picks float16 there).
+    bf16 is left out below sm80 (compiled_for).
     Below sm80 Triton compiles the dots to CUDA-core FMAs (the `tc` column) and use_kernel=auto
     takes the PyTorch path, so spills there are listed but are not problems.
     quick: one configuration per kernel, the kernels spread over the archs and dtypes (every kernel
@@ -446,7 +452,7 @@ def compile_check(archs=tuple(ARCHS), dtypes=(torch.bfloat16, torch.float16, tor
         for dtype in dtypes:
             for fn, ptrs, ints, const, wst, tuned in launches(dtype, d, 8 * d, 128, 2):
                 for cap in archs:
-                    if dtype != torch.bfloat16 or cap >= 80:
+                    if compiled_for(dtype, cap):
                         jobs.append((fn, ptrs, ints, const, wst[0], tuned, cap, dtype, d))
     if quick:
         by_kernel = {}
@@ -466,7 +472,7 @@ def compile_check(archs=tuple(ARCHS), dtypes=(torch.bfloat16, torch.float16, tor
         res, limit = seen[key], ARCHS[cap][0]
         cfg = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "ZPREC", "HAS_B1"))
         cfg += f" w={w} s={s}"
-        name, dt = fn.__name__.strip("_").replace("_kernel", ""), _SHORT[dtype]
+        name, dt = fn.__name__.strip("_").replace("_kernel", ""), DTYPE_NAMES[dtype]
         if isinstance(res, str):
             fail += 1
             print(f"{name:<17s} sm{cap:<3d} {dt:<5s} {d:5d}  {cfg:<42s} FAILED: {res}")
@@ -481,7 +487,7 @@ def compile_check(archs=tuple(ARCHS), dtypes=(torch.bfloat16, torch.float16, tor
         elif shared > budget:  # over the arch's limit, or over what the autotune pre-filter assumed
             verdict = "OVER SHARED MEMORY" if shared > limit else "OVER ITS ESTIMATE"
             over += 1
-        elif spilled and cap < 80:
+        elif spilled and cap < kernel.MIN_SM:
             verdict, slow_spill = "spills (auto: PyTorch path here)", slow_spill + 1
         elif spilled:
             verdict, spill = "SPILLS", spill + 1
@@ -598,25 +604,25 @@ def compile_check_main(argv):
     p.add_argument("--quick", action="store_true",
                    help="one config per kernel, kernels spread over the archs")
     p.add_argument("--archs", default=",".join(map(str, ARCHS)), type=integers(0))
-    p.add_argument("--dtypes", default=",".join(_SHORT.values()))
+    p.add_argument("--dtypes", default=",".join(DTYPE_NAMES.values()))
     p.add_argument("--d", default="768,1024", type=integers(1),
                    help="model widths; d_ff = 8d, d_z = 128, K = 2")
     args = p.parse_args(argv)
     if not set(args.archs) <= set(ARCHS):
         p.error(f"--archs={','.join(map(str, args.archs))}: expected some of "
                 f"{','.join(map(str, ARCHS))}")
-    names = {v: k for k, v in _SHORT.items()}
+    names = {v: k for k, v in DTYPE_NAMES.items()}
     if not set(args.dtypes.split(",")) <= set(names):
         p.error(f"--dtypes={args.dtypes}: expected some of {','.join(names)}")
-    if args.dtypes == "bf16" and max(args.archs) < 80:
-        p.error(f"--dtypes=bf16 --archs={','.join(map(str, args.archs))}: bf16 is compiled on "
-                f"sm80 and up only (below, train.py picks float16)")
+    dtypes = [names[t] for t in args.dtypes.split(",")]
+    if not any(compiled_for(t, cap) for t in dtypes for cap in args.archs):
+        p.error(f"--dtypes={args.dtypes} --archs={','.join(map(str, args.archs))}: bf16 is "
+                f"compiled on sm80 and up only (below, train.py picks float16)")
     if kernel.INTERPRET:
         p.error("unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import triton
     print(f"Triton {triton.__version__}, torch {torch.__version__}; d_ff = 8d, d_z = 128, K = 2")
-    return compile_check(args.archs, [names[t] for t in args.dtypes.split(",")], args.d,
-                         args.quick)
+    return compile_check(args.archs, dtypes, args.d, args.quick)
 
 
 def main(argv=None):

@@ -42,7 +42,6 @@ from prepare_fineweb import REPO_DIR, ArgumentParser, replacing
 GRADS = ["dx", "dW1", "db1", "dW2", "db2", "dW_z", "dz"]  # of x, W1, b1, W2, b2, W_z, z
 # Training rows: (ffn, use_kernel); use_kernel matters for inf only
 TRAIN_RUNS = (("dense", "off"), ("switch", "off"), ("top2", "off"), ("inf", "off"), ("inf", "on"))
-DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ----------------------------------------------------------------------------- 1. machine
@@ -179,7 +178,7 @@ def accuracy(device, shape, dtypes, K=2, top_frac=0.25, fn=None, ref=None, keeps
             rows.append(("fp32 scores", f"keep masks, {what}", error_text(e), "", False))
     inputs, dy = ffn_inputs(device, shape, K, grid=True)
     for dtype in dtypes:
-        name, rtol = DTYPES[dtype], kernel.TOLERANCES[dtype][0]
+        name, rtol = bench.DTYPE_NAMES[dtype], kernel.TOLERANCES[dtype][0]
         try:
             a, b = (run_path(f, inputs, dy, dtype, top_frac) for f in (fn, ref))
         except Exception as e:
@@ -380,15 +379,15 @@ def accuracy_md(rows, shape, K, top_frac):
             f"`kernel.triton_inf_ffn` against `fastpath.fast_inf_ffn`: {N:,} tokens, d={d}, "
             f"d_ff={d_ff}, d_z={d_z}, K={K}, r={top_frac:.0%}, one forward and backward. Outputs "
             f"and gradients: `max|a-b| / max|b|`, one number per tensor whatever its shape, "
-            f"bounded by the rtol of `kernel.TOLERANCES` (fp32 1e-4: both paths compute in IEEE "
-            f"fp32; bf16 5e-2, fp16 1e-2: their GEMMs round in other places). They run on router "
-            f"inputs on a "
-            f"power-of-two grid (`on_grid`), where every score is exact in any summation order: "
-            f"both paths must keep the same units, so counts and n_active must be equal. The "
-            f"selection decides on fp32 scores in either dtype. On Gaussian router inputs the two "
-            f"keep masks may differ where two scores lie within an fp32 rounding of each other "
-            f"(`near_tie_bound`: the kernel multiplies the rows in chunks, in another order); any "
-            f"other difference fails.\n\n"
+            f"bounded by the dtype's rtol in `kernel.TOLERANCES` (the bound column: tight in fp32, "
+            f"where both paths compute in IEEE fp32; loose in bf16 and fp16, whose GEMMs round in "
+            f"other places in the two paths). They run on router inputs on a power-of-two grid "
+            f"(`on_grid`), where every score is exact in any summation order: both paths must "
+            f"keep the same units, so counts and n_active must be equal. The selection decides on "
+            f"fp32 scores in either dtype. On Gaussian router inputs the two keep masks may differ "
+            f"where two scores lie within an fp32 rounding of each other (`near_tie_bound`: the "
+            f"kernel multiplies the rows in chunks, in another order); any other difference "
+            f"fails.\n\n"
             + table(["dtype", "quantity", "measured", "bound", "verdict"],
                     [(dt, q, got, bound, "ok" if ok else "**FAILED**")
                      for dt, q, got, bound, ok in rows]))
@@ -409,9 +408,10 @@ def speed_md(times, peak, failed, shape, dtype, paths_order=("PyTorch", "kernel"
         rows.append((*label, cols[0], ratios[0], ratios[1], cols[1], ratios[2], ratios[3],
                      f"{peak[case]:.0f}" if case in peak else "n/a"))
     text = (f"## Speed of one FFN layer\n\n{N:,} tokens, d={d}, d_ff={d_ff}, d_z={d_z}, "
-            f"{DTYPES[dtype]}. Times: medians over {rounds} rounds, every case measured once per "
-            f"round (`bench.times`: on CUDA triton's `do_bench`, CUDA events after a warm-up; a "
-            f"first round is dropped); ratios: median (min–max) of the rounds' ratios to the "
+            f"{bench.DTYPE_NAMES[dtype]}. Times: medians over {rounds} rounds, every case "
+            f"measured once per round (`bench.times`: on CUDA triton's `do_bench`, CUDA events "
+            f"after a warm-up; a first round is dropped); ratios: median (min–max) of the rounds' "
+            f"ratios to the "
             f"dense FFN of width d_ff = {d_ff} and of width 4d = {4 * d}, measured in the same "
             f"round. Peak: memory allocated during one forward+backward beyond its inputs.\n\n"
             + table(["FFN", "K", "r", "fwd ms", "fwd / dense d_ff", "fwd / dense 4d",

@@ -527,6 +527,7 @@ def triton_inf_ffn(x, W1, b1, W2, b2, W_z, z, top_frac):
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-2),
               torch.float16: (1e-2, 1e-2)}
 _VERDICTS = {}  # (device, dtype) -> did the kernel pass its self-check there
+MIN_SM = 80  # below it Triton emits no tensor-core code for the kernel's dots: see kernel_ok
 
 
 @torch._dynamo.assume_constant_result  # torch.compile runs it once while tracing, keeps the answer
@@ -546,7 +547,7 @@ def kernel_ok(device, dtype):
         dev = torch.device(device)
         where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else device
         sm = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-        if sm is not None and sm < (8, 0):
+        if sm is not None and 10 * sm[0] + sm[1] < MIN_SM:
             warnings.warn(f"kernel.py: {where} is sm{sm[0]}{sm[1]}; Triton compiles the ∞-MoE "
                           f"kernel's dots there to CUDA-core FMAs, not tensor-core instructions, "
                           f"so the PyTorch path (cuBLAS) is used (use_kernel=on forces the "
